@@ -1,0 +1,3 @@
+from lit_llm.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""A preallocated key/value cache for incremental decoding.
+
+Keys and values of every layer live in tensors allocated once, ``(B, n_kv_head, max_len, head_dim)``; each
+forward pass writes its new keys/values at ``[length, length + T)`` and attends over ``[0, length + T)``.
+No concatenation, no reallocation while generating.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer key/value buffers plus the number of positions already filled.
+
+    Args:
+        n_layer: Number of transformer blocks.
+        batch_size: Rows decoded together.
+        n_kv_head: Key/value heads per layer.
+        max_len: Longest total sequence (prompt plus new tokens).
+        head_dim: Width of one head.
+        dtype: Storage dtype (use the model's compute dtype).
+        device: Storage device.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` ``(B, n_kv_head, T, hd)`` at the current length; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, cache holds {self.max_len}")
+        self.k[layer][:, :, start:end] = k.to(self.k[layer].dtype)
+        self.v[layer][:, :, start:end] = v.to(self.v[layer].dtype)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more positions as filled (called once per forward pass, after all layers)."""
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0

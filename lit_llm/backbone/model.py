@@ -1,0 +1,169 @@
+"""The decoder-only transformer: embeddings -> blocks -> final norm -> lm_head.
+
+Pure ``torch.nn``: no loss, no optimizer, no logging. Stages compute losses from the logits (or from the
+final hidden states, for reward and value heads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lit_llm.backbone.attention import Attention
+from lit_llm.backbone.cache import KVCache
+from lit_llm.backbone.config import ModelConfig
+from lit_llm.backbone.mlp import GeluMLP, SwiGLU
+from lit_llm.backbone.norm import build_norm
+from lit_llm.backbone.rope import inv_frequencies, rope_cos_sin
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_norm = build_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
+        self.attn = Attention(config, layer_idx)
+        self.post_attention_norm = build_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
+        if config.mlp == "swiglu":
+            self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.bias)
+        else:
+            self.mlp = GeluMLP(config.n_embd, config.intermediate_size, config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.input_norm(x), rope, attn_mask, cache))
+        return x + self.drop(self.mlp(self.post_attention_norm(x)))
+
+
+class Transformer(nn.Module):
+    """A Llama-style (or, by config, GPT-2-style) causal language model.
+
+    Args:
+        config: The model's shape and flavour.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_embed = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = build_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer(
+            "inv_freq",
+            inv_frequencies(
+                config.head_dim,
+                config.rope_theta,
+                config.rope_scaling_factor,
+                config.rope_low_freq_factor,
+                config.rope_high_freq_factor,
+                config.rope_original_max_seq_len,
+            ),
+            persistent=False,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero biases; residual output projections scaled by 1/sqrt(2 L)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = (
+                    1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1
+                )
+                nn.init.normal_(module.weight, 0.0, std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+        # the rope buffer is not a parameter; recompute it in case the model was built on the meta device
+        self.inv_freq = inv_frequencies(
+            self.config.head_dim,
+            self.config.rope_theta,
+            self.config.rope_scaling_factor,
+            self.config.rope_low_freq_factor,
+            self.config.rope_high_freq_factor,
+            self.config.rope_original_max_seq_len,
+        ).to(self.inv_freq.device)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows of up to ``max_len`` positions."""
+        p = self.embed_tokens.weight
+        c = self.config
+        return KVCache(
+            c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device
+        )
+
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states ``(B, T, C)`` for token ids ``idx`` ``(B, T)``.
+
+        Args:
+            idx: Token ids ``(B, T)``.
+            positions: Position of every token ``(B, T)`` (RoPE angle or learned-embedding row). Defaults to
+                ``cache.length + arange(T)``. Left-padded batches and packed sequences pass their own.
+            attn_mask: Boolean ``(B, 1, T, S)``, True where a query may attend a key; ``S`` counts the cached
+                keys plus the new ones. Defaults to causal attention.
+            cache: KV cache to read and extend (its length advances by ``T``).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if attn_mask is None and cache is not None and (start > 0 or T > 1):
+            # causal over absolute positions: query start+i sees keys 0..start+i
+            q_pos = torch.arange(start, start + T, device=idx.device)[:, None]
+            attn_mask = (torch.arange(start + T, device=idx.device)[None, :] <= q_pos)[None, None]
+        if self.pos_embed is not None and int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} exceeds block_size={self.config.block_size}")
+        x = self.embed_tokens(idx)  # (B, T, C)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        else:
+            rope = rope_cos_sin(positions, self.inv_freq)  # each (B, T, hd)
+        x = self.drop(x)
+        for block in self.layers:
+            x = block(x, rope, attn_mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)``; arguments as in :meth:`hidden`."""
+        return self.lm_head(self.hidden(idx, positions, attn_mask, cache))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,102 @@
+"""Callbacks: sample generations to TensorBoard, throughput (tokens/s, MFU)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N`` for the matrices plus ``6 L T d`` for attention scores (PaLM, app. B)."""
+    d, L = config.n_embd, config.n_layer
+    n_matmul = L * (
+        d * config.head_dim * (config.n_head + 2 * config.n_kv_head) + config.n_head * config.head_dim * d
+    )
+    n_matmul += L * (3 if config.mlp == "swiglu" else 2) * d * config.intermediate_size
+    n_matmul += d * config.vocab_size  # the output head
+    return 6 * n_matmul + 6 * L * seq_len * config.n_head * config.head_dim
+
+
+class SampleCallback(Callback):
+    """Every ``every_n_steps`` training steps (and after validation), write greedy samples to TensorBoard.
+
+    The stage provides ``sample_texts() -> [(prompt, completion), ...]``.
+
+    Args:
+        every_n_steps: How often to sample during training (0 = only after validation).
+    """
+
+    def __init__(self, every_n_steps: int = 200) -> None:
+        self.every_n_steps = every_n_steps
+
+    @rank_zero_only
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not hasattr(pl_module, "sample_texts") or getattr(pl_module, "tokenizer", None) is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            samples = pl_module.sample_texts()
+        finally:
+            pl_module.train(was_training)
+        text = "\n\n".join(f"**{p}** → {c}" for p, c in samples)
+        exp = getattr(trainer.logger, "experiment", None)
+        if exp is not None and hasattr(exp, "add_text"):
+            exp.add_text("samples", text.replace("\n", "  \n"), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self._log(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module)
+
+
+class ThroughputMonitor(Callback):
+    """Log training tokens/s and, when a peak is known, model FLOPs utilisation (MFU).
+
+    Args:
+        log_every_n_steps: Average over this many steps between logs.
+        peak_flops: Peak FLOP/s of one device for MFU; ``None`` looks the device up in a small table (GPUs).
+    """
+
+    PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "4090": 165e12}
+
+    def __init__(self, log_every_n_steps: int = 20, peak_flops: float | None = None) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.peak_flops = peak_flops
+        self._t0: float | None = None
+        self._tokens = 0
+
+    def _peak(self) -> float | None:
+        if self.peak_flops is not None:
+            return self.peak_flops
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            return next((v for k, v in self.PEAKS.items() if k in name), None)
+        return None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch.get("input_ids")
+        if x is None:
+            return
+        self._tokens += x.numel()
+        if (batch_idx + 1) % self.log_every_n_steps:
+            return
+        dt = time.perf_counter() - self._t0
+        tps = self._tokens * trainer.world_size / dt
+        pl_module.log("throughput/tokens_per_sec", tps, on_step=True, prog_bar=True, rank_zero_only=True)
+        peak = self._peak()
+        if peak and hasattr(pl_module, "config"):
+            mfu = tps * flops_per_token(pl_module.config, x.shape[-1]) / (peak * trainer.world_size)
+            pl_module.log("throughput/mfu", mfu, on_step=True, rank_zero_only=True)
+        self._t0, self._tokens = time.perf_counter(), 0

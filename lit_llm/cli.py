@@ -1,0 +1,98 @@
+"""The ``lit-llm`` command.
+
+Training and evaluation go through LightningCLI::
+
+    lit-llm fit --config configs/pretrain/tiny.yaml
+    lit-llm validate --config configs/pretrain/tiny.yaml --ckpt_path checkpoints/pretrain/last.ckpt
+
+Helpers work from a checkpoint alone::
+
+    lit-llm generate --ckpt checkpoints/pretrain/last.ckpt --prompt "Alice is in the"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+HELPERS = ("generate",)
+
+
+class LitLLMCLI(LightningCLI):
+    """LightningCLI with the links that keep model and data consistent.
+
+    * ``data.vocab_size`` -> ``model.vocab_size``: the tokenizer decides the vocabulary, never the user.
+    * ``data.seq_len`` -> ``model.block_size``: the model is built long enough for the data.
+    * ``model.init_from`` -> ``data.tokenizer``: a stage that starts from a checkpoint uses its tokenizer.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.init_args.block_size", apply_on="instantiate")
+        parser.link_arguments("model.init_args.init_from", "data.init_args.tokenizer", apply_on="parse")
+
+
+def run_lightning(args: Sequence[str] | None) -> LitLLMCLI:
+    return LitLLMCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=None if args is None else list(args),
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def cmd_generate(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="lit-llm generate", description="Continue a prompt with a trained model."
+    )
+    p.add_argument("--ckpt", required=True, help="a lit_llm checkpoint (.ckpt)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the chat template (SFT/PPO models)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    import torch
+
+    from lit_llm.backbone.generate import stream
+    from lit_llm.stages.base import load_backbone
+
+    model, tok, _ = load_backbone(a.ckpt)
+    model.eval()
+    ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
+    stops = [tok.end_id, tok.eos_id]
+    gen = torch.Generator().manual_seed(a.seed)
+    out: list[int] = []
+    printed = ""
+    sys.stdout.write(a.prompt)
+    for t in stream(model, ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stops, gen):
+        out.append(t)
+        text = tok.decode(out)
+        sys.stdout.write(text[len(printed) :])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``lit-llm`` (and ``python -m lit_llm``)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in HELPERS:
+        {"generate": cmd_generate}[argv[0]](argv[1:])
+        return
+    run_lightning(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""One LightningModule per stage, each holding the shared backbone as ``self.model``."""
+
+from lit_llm.stages.base import Stage
+from lit_llm.stages.causal_lm import CausalLM
+
+__all__ = ["CausalLM", "Stage"]

@@ -1,0 +1,176 @@
+"""What every stage shares: building the backbone (from a preset or a previous stage's checkpoint),
+storing config and tokenizer in checkpoints, AdamW with weight-decay groups, warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningModule
+
+from lit_llm.backbone import ModelConfig, Transformer
+from lit_llm.checkpoint import META_KEY, load_checkpoint, model_state
+from lit_llm.tokenizer import Tokenizer
+
+
+def load_backbone(path: str) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """The backbone, tokenizer and metadata stored in a lit_llm checkpoint (read with ``weights_only``)."""
+    ckpt = load_checkpoint(path)
+    if META_KEY not in ckpt:
+        raise ValueError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
+    meta = ckpt[META_KEY]
+    config = ModelConfig.from_dict(meta["model_config"])
+    model = Transformer(config)
+    prefix = meta.get("backbone_prefix", "model.")
+    missing, unexpected = model.load_state_dict(model_state(ckpt, prefix), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model, Tokenizer.from_str(meta["tokenizer"]), meta
+
+
+class Stage(LightningModule):
+    """Base of the four stages. Subclasses implement ``_step(batch, stage) -> loss`` and may add heads.
+
+    Args:
+        preset: Named model preset (see ``ModelConfig.from_name``); ignored with ``init_from``.
+        model_overrides: Field overrides for the preset, e.g. ``{n_layer: 2, mlp: gelu}``.
+        vocab_size: Linked from the data's tokenizer by the CLI; never typed by hand.
+        block_size: Linked from the data's sequence length by the CLI (at least that long).
+        init_from: Start from this lit_llm checkpoint (weights, config and tokenizer come with it).
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: Decoupled weight decay on matrices (not on norms, biases).
+        betas: AdamW betas.
+        warmup_steps: Linear warmup steps.
+        min_lr_ratio: Final learning rate of the cosine schedule, as a fraction of the peak.
+    """
+
+    stage_name = "base"
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        model_overrides: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
+        block_size: int | None = None,
+        init_from: str | None = None,
+        learning_rate: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: Tokenizer | None = None
+        self.parent_stage: str | None = None
+        if init_from is not None:
+            self.model, self.tokenizer, meta = load_backbone(init_from)
+            self.parent_stage = meta.get("stage")
+            cfg = self.model.config
+            if vocab_size is not None and vocab_size != cfg.vocab_size:
+                raise ValueError(
+                    f"the data's tokenizer has {vocab_size} tokens but {init_from} was trained with "
+                    f"{cfg.vocab_size}: use the checkpoint's tokenizer (data.tokenizer={init_from})"
+                )
+            if block_size is not None and block_size > cfg.block_size and cfg.pos == "learned":
+                raise ValueError(f"seq_len {block_size} exceeds the checkpoint's block_size {cfg.block_size}")
+        else:
+            overrides = dict(model_overrides or {})
+            if vocab_size is not None:
+                overrides["vocab_size"] = vocab_size
+            if block_size is not None:
+                overrides["block_size"] = max(block_size, overrides.get("block_size", 0))
+            self.model = Transformer(ModelConfig.from_name(preset, **overrides))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    # ------------------------------------------------------------------------------------ tokenizer plumbing
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.tokenizer is None and dm is not None and hasattr(dm, "tokenizer"):
+            self.tokenizer = dm.tokenizer
+        if self.tokenizer is not None and self.tokenizer.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens, model has vocab_size={self.config.vocab_size}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[META_KEY] = {
+            "model_config": self.config.to_dict(),
+            "tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None,
+            "stage": self.stage_name,
+            "backbone_prefix": "model.",
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(META_KEY)
+        if meta is None:
+            raise ValueError(
+                "not a lit_llm checkpoint (no 'lit_llm' entry); was it written by another program?"
+            )
+        theirs = ModelConfig.from_dict(meta["model_config"])
+        diff = self.config.diff(theirs)
+        if diff:
+            lines = ", ".join(f"{k}: run has {a!r}, checkpoint has {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"checkpoint was written by a different model config ({lines})")
+        if (
+            meta.get("tokenizer")
+            and self.tokenizer is not None
+            and meta["tokenizer"] != self.tokenizer.to_str()
+        ):
+            raise ValueError("checkpoint was written with a different tokenizer than this run's data uses")
+        if meta.get("tokenizer") and self.tokenizer is None:
+            self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):
+            ckpt = Path(self.trainer.default_root_dir)
+            raise FloatingPointError(
+                f"{self.stage_name}: loss is {loss.item()} at step {self.global_step}; stopping. The last good "
+                f"checkpoint (if any, under {ckpt}) was not overwritten. Lower the learning rate or check the data."
+            )
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for _, p in self.trainable_parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, max(total - 1, 0))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

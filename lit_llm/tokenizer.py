@@ -1,0 +1,174 @@
+"""Tokenizers: byte-level BPE or characters, with reserved special tokens and one chat template.
+
+Built on Hugging Face ``tokenizers`` and saved as a standard ``tokenizer.json``, so an exported model
+loads in ``transformers`` too. Special tokens always take the first ids, in this order::
+
+    <|pad|>=0 <|bos|>=1 <|eos|>=2 <|system|>=3 <|user|>=4 <|assistant|>=5 <|end|>=6
+
+The chat template (used by SFT, the reward model and PPO alike)::
+
+    <|bos|><|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>{reply}<|end|> ...
+
+The loss of supervised fine-tuning falls on each reply and the ``<|end|>`` that closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+UNK = "<|unk|>"
+ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer:
+    """A trained tokenizer plus the ids of its special tokens.
+
+    Args:
+        tok: A Hugging Face ``tokenizers.Tokenizer`` holding every name in ``SPECIAL_TOKENS``.
+    """
+
+    def __init__(self, tok: HFTokenizer) -> None:
+        self.tok = tok
+        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with lit_llm.tokenizer")
+        self.pad_id, self.bos_id, self.eos_id = (tok.token_to_id(t) for t in SPECIAL_TOKENS[:3])
+        self.role_ids = {r: tok.token_to_id(f"<|{r}|>") for r in ROLES}
+        self.end_id = tok.token_to_id("<|end|>")
+
+    # ---------------------------------------------------------------------------------------------- build
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], kind: Literal["bpe", "char"] = "bpe", vocab_size: int = 512
+    ) -> Tokenizer:
+        """Train on an iterable of texts.
+
+        Args:
+            texts: The corpus.
+            kind: ``bpe`` (byte-level BPE, never an unknown token) or ``char`` (one token per character seen).
+            vocab_size: Target vocabulary size for BPE, special tokens and the 256 bytes included.
+        """
+        if kind == "char":
+            chars = sorted({c for t in texts for c in t})
+            if not chars:
+                raise ValueError("cannot train a character tokenizer on an empty corpus")
+            vocab = {t: i for i, t in enumerate((*SPECIAL_TOKENS, UNK, *chars))}
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+            tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+            tok.decoder = decoders.Fuse()
+        elif kind == "bpe":
+            min_size = len(SPECIAL_TOKENS) + 256
+            if vocab_size < min_size:
+                raise ValueError(
+                    f"a byte-level BPE vocabulary needs at least {min_size} tokens, got {vocab_size}"
+                )
+            tok = HFTokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                special_tokens=list(SPECIAL_TOKENS),
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
+            tok.train_from_iterator(texts, trainer=trainer)
+        else:
+            raise ValueError(f"tokenizer kind must be 'bpe' or 'char', got {kind!r}")
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+        return cls(tok)
+
+    @classmethod
+    def from_str(cls, text: str) -> Tokenizer:
+        return cls(HFTokenizer.from_str(text))
+
+    def to_str(self) -> str:
+        return self.tok.to_str()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a ``tokenizer.json``, a folder holding one, or a lit_llm ``.ckpt`` that carries one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer not found: {path}")
+        if path.suffix == ".ckpt":
+            from lit_llm.checkpoint import read_meta
+
+            return cls.from_str(read_meta(path)["tokenizer"])
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` atomically (a half-written file never replaces a good one)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_str(), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------------------------------ use
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_str(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
+    # ------------------------------------------------------------------------------------------------ chat
+    def render_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation and, per token, whether it is trained on (assistant text + end).
+
+        Args:
+            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+            add_generation_prompt: End with ``<|assistant|>`` so a model continues with the reply.
+        """
+        ids, mask = [self.bos_id], [False]
+        for i, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in self.role_ids:
+                raise ValueError(f"message {i}: role must be one of {ROLES}, got {role!r}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+            body = self.encode(content) + [self.end_id]
+            ids += [self.role_ids[role]] + body
+            mask += [False] + [role == "assistant"] * len(body)
+        if add_generation_prompt:
+            ids.append(self.role_ids["assistant"])
+            mask.append(False)
+        return ids, mask
+
+    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
+        """A single-turn chat prompt, ready for the assistant's reply."""
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return self.render_chat(msgs, add_generation_prompt=True)[0]
+
+    def hf_files(self) -> dict[str, str]:
+        """``tokenizer_config.json`` and ``special_tokens_map.json`` texts for a Hugging Face export."""
+        special = {"bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>"}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 20, **special}
+        return {
+            "tokenizer_config.json": json.dumps(config, indent=2),
+            "special_tokens_map.json": json.dumps(special, indent=2),
+        }
