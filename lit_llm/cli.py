@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-HELPERS = ("generate",)
+HELPERS = ("generate", "chat")
 
 
 class LitLLMCLI(LightningCLI):
@@ -73,23 +73,87 @@ def cmd_generate(argv: Sequence[str]) -> None:
     ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
     stops = [tok.end_id, tok.eos_id]
     gen = torch.Generator().manual_seed(a.seed)
-    out: list[int] = []
-    printed = ""
     sys.stdout.write(a.prompt)
-    for t in stream(model, ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stops, gen):
-        out.append(t)
-        text = tok.decode(out)
-        sys.stdout.write(text[len(printed) :])
-        sys.stdout.flush()
-        printed = text
+    _stream_text(tok, stream(model, ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stops, gen))
     sys.stdout.write("\n")
+
+
+def _stream_text(tok, token_iter, out=None) -> list[int]:
+    """Print tokens as they arrive (decoding the whole reply each time keeps multi-byte characters whole)."""
+    out = out or sys.stdout
+    ids: list[int] = []
+    printed = ""
+    for t in token_iter:
+        ids.append(t)
+        text = tok.decode(ids)
+        out.write(text[len(printed) :])
+        out.flush()
+        printed = text
+    return ids
+
+
+def cmd_chat(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="lit-llm chat",
+        description="Chat with an SFT or PPO model in the terminal. Type a message and press Enter; "
+        "'/reset' clears the history, '/exit' or Ctrl-D quits.",
+    )
+    p.add_argument("--ckpt", required=True, help="a lit_llm checkpoint (.ckpt) of a chat model")
+    p.add_argument("--system", default=None, help="optional system prompt")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    import torch
+
+    from lit_llm.backbone.generate import stream
+    from lit_llm.stages.base import load_backbone
+
+    model, tok, meta = load_backbone(a.ckpt)
+    model.eval()
+    gen = torch.Generator().manual_seed(a.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"lit-llm chat ({meta.get('stage')} model, {a.ckpt}); /reset clears, /exit quits")
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line or line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tok.render_chat(history, add_generation_prompt=True)[0]
+        budget = model.config.block_size - a.max_new_tokens
+        if budget < 1:
+            raise SystemExit(f"--max_new_tokens {a.max_new_tokens} leaves no room in block_size")
+        ids = ids[-budget:]  # forget the oldest turns when the conversation outgrows the context
+        sys.stdout.write("assistant> ")
+        try:
+            reply = _stream_text(tok, stream(model, ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
+                                             [tok.end_id, tok.eos_id], gen))  # fmt: skip
+        except KeyboardInterrupt:
+            reply = []
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lit-llm`` (and ``python -m lit_llm``)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in HELPERS:
-        {"generate": cmd_generate}[argv[0]](argv[1:])
+        {"generate": cmd_generate, "chat": cmd_chat}[argv[0]](argv[1:])
         return
     run_lightning(args)
 

@@ -26,3 +26,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="session")
+def pretrain_ckpt(tmp_path_factory):
+    """A quickly pretrained tiny tinyworld model (one layer, 30 steps), shared by the stage tests."""
+    import os
+
+    from lit_llm.cli import main
+
+    work = tmp_path_factory.mktemp("pretrain")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        main([
+            "fit", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), *QUIET,
+            "--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "2",
+            "--trainer.precision", "32-true", "--data.tinyworld_docs", "600", "--data.seq_len", "128",
+            "--model.model_overrides", "{n_layer: 1, n_embd: 64, n_head: 2, n_kv_head: 1}",
+        ])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return work / "checkpoints/pretrain/last.ckpt"

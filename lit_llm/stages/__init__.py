@@ -2,5 +2,6 @@
 
 from lit_llm.stages.base import Stage
 from lit_llm.stages.causal_lm import CausalLM
+from lit_llm.stages.sft import SFTModule
 
-__all__ = ["CausalLM", "Stage"]
+__all__ = ["CausalLM", "SFTModule", "Stage"]

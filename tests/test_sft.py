@@ -1,0 +1,168 @@
+"""SFT: formats, label masks, packing, the stage, the chat command, bad records."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from lit_llm.backbone import ModelConfig, Transformer
+from lit_llm.cli import main
+from lit_llm.data import tinyworld
+from lit_llm.data.formats import RecordError, to_conversations
+from lit_llm.data.sft import (
+    IGNORE,
+    SFTDataModule,
+    collate_packed,
+    collate_padded,
+    pack,
+    tokenize_conversation,
+)
+from lit_llm.stages.sft import masked_lm_loss
+from lit_llm.tokenizer import Tokenizer
+
+from .conftest import QUIET, ROOT
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(tinyworld.pretrain_text(200), "bpe", 400)
+
+
+def test_label_mask_on_two_turns_with_system(tok):
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yes"},
+        {"role": "user", "content": "Who?"},
+        {"role": "assistant", "content": "Bob"},
+    ]
+    x, y = tokenize_conversation(tok, conv)
+    full = x + [y[-1]]
+    # labels are the next token exactly where that next token is an assistant token or its closing <|end|>
+    trained = [i + 1 for i, t in enumerate(y) if t != IGNORE]
+    r, e = tok.role_ids, tok.end_id
+    starts = [i for i, t in enumerate(full) if t == r["assistant"]]
+    want = []
+    for s in starts:
+        n = full.index(e, s) - s  # reply tokens plus the <|end|>
+        want += list(range(s + 1, s + 1 + n))
+    assert trained == want
+    assert [full[i] for i in trained] == tok.encode("Yes") + [e] + tok.encode("Bob") + [e]
+    assert all(y[i - 1] == full[i] for i in trained)
+
+
+def test_every_format_renders_the_same_template(tok):
+    want = [[{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]]
+    records = [
+        {"messages": want[0]},
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"instruction": "Add 2 and 3.", "instances": [{"input": "", "output": "5"}]},
+        {"prompt": "Add 2 and 3.", "completion": "5"},
+        {"chosen": "\n\nHuman: Add 2 and 3.\n\nAssistant: 5"},
+    ]
+    for rec in records:
+        convs = to_conversations(rec)
+        assert convs == want, rec
+        assert tok.render_chat(convs[0]) == tok.render_chat(want[0])
+    alpaca_input = to_conversations({"instruction": "Sum.", "input": "2 3", "output": "5"})[0][0]["content"]
+    assert alpaca_input == "Sum.\n\n2 3"
+
+
+def test_packed_loss_equals_unpacked_loss(tok):
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
+    ).eval()
+    convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+             for r in tinyworld.instructions(7)]  # fmt: skip
+    examples = [tokenize_conversation(tok, c) for c in convs]
+    rows = pack(examples, 256)
+    assert len(rows) < len(examples)  # several conversations per row
+    packed = collate_packed(rows, 256, tok.pad_id)
+    padded = collate_padded(examples, tok.pad_id)
+    with torch.no_grad():
+        lp, _ = masked_lm_loss(
+            model(packed["input_ids"], packed["positions"], packed["attn_mask"]), packed["labels"]
+        )
+        lu, _ = masked_lm_loss(model(padded["input_ids"]), padded["labels"])
+    torch.testing.assert_close(lp, lu, atol=1e-5, rtol=1e-5)
+
+
+def _write(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    return str(path)
+
+
+def test_bad_records_are_named_or_counted(tmp_path, tok):
+    tok.save(tmp_path / "tokenizer.json")
+    good = {"prompt": "Hi", "completion": "Hello"}
+    cases = [
+        (
+            {"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]},
+            "record 1: message 0 has role None",
+        ),
+        ({"prompt": "Hi", "completion": "  "}, "record 1: message 1: empty assistant turn"),
+        ({"foo": 1}, "record 1: unknown format"),
+    ]
+    for bad, match in cases:
+        src = _write(tmp_path / "d.jsonl", [good, bad, good, good])
+        dm = SFTDataModule(src, tokenizer=str(tmp_path / "tokenizer.json"))
+        with pytest.raises(RecordError, match=match):
+            dm.setup()
+        dm = SFTDataModule(src, tokenizer=str(tmp_path / "tokenizer.json"), skip_bad_records=True)
+        dm.setup()
+        assert dm.stats["bad_records_skipped"] == 1
+    long = {"prompt": "word " * 200, "completion": "ok"}
+    src = _write(tmp_path / "l.jsonl", [good, long, good, good, long, good, good, good, good, good])
+    dm = SFTDataModule(src, tokenizer=str(tmp_path / "tokenizer.json"), seq_len=64, val_fraction=0.1)
+    dm.setup()
+    assert dm.stats["train_too_long_dropped"] == 2 and len(dm.train_examples) == 7
+    with pytest.raises(ValueError, match="set --model.init_from"):
+        SFTDataModule().setup()
+
+
+@pytest.fixture(scope="module")
+def sft_run(pretrain_ckpt, tmp_path_factory):
+    import os
+
+    work = tmp_path_factory.mktemp("sft")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        main([
+            "fit", "--config", str(ROOT / "configs/sft/tinyworld.yaml"), *QUIET,
+            "--model.init_from", str(pretrain_ckpt), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+            "--trainer.precision", "32-true", "--data.tinyworld_train", "640", "--data.tinyworld_val", "64",
+            "--data.tinyworld_eval", "16", "--model.learning_rate", "0.003",
+        ])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def test_sft_lowers_masked_loss_and_logs_exact_match(sft_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = next((sft_run / "checkpoints/logs/sft").glob("version_*"))
+    ea = EventAccumulator(str(logdir))
+    ea.Reload()
+    train = [e.value for e in ea.Scalars("train/loss")]
+    val = [e.value for e in ea.Scalars("val/loss")]
+    assert len(val) >= 2 and val[-1] < val[0]
+    assert train[-1] < train[0]
+    assert "val/exact_match" in ea.Tags()["scalars"]
+    from lit_llm.checkpoint import read_meta
+
+    assert read_meta(sft_run / "checkpoints/sft/last.ckpt")["stage"] == "sft"
+
+
+def test_chat_answers_a_scripted_turn(sft_run, monkeypatch, capsys):
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("Alice is in the park. Alice has 3 cups. Where is Alice?\n/exit\n")
+    )
+    main(["chat", "--ckpt", str(sft_run / "checkpoints/sft/last.ckpt"), "--max_new_tokens", "16"])
+    out = capsys.readouterr().out
+    assert out.startswith("assistant> ") and len(out.strip()) > len("assistant>")
