@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-HELPERS = ("generate", "chat")
+HELPERS = ("generate", "chat", "pipeline")
 
 
 class LitLLMCLI(LightningCLI):
@@ -149,11 +149,17 @@ def cmd_chat(argv: Sequence[str]) -> None:
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+def cmd_pipeline(argv: Sequence[str]) -> None:
+    from lit_llm.pipeline import run
+
+    run(argv)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lit-llm`` (and ``python -m lit_llm``)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in HELPERS:
-        {"generate": cmd_generate, "chat": cmd_chat}[argv[0]](argv[1:])
+        {"generate": cmd_generate, "chat": cmd_chat, "pipeline": cmd_pipeline}[argv[0]](argv[1:])
         return
     run_lightning(args)
 

@@ -19,6 +19,12 @@ def _restore_torch_state():
     torch.set_grad_enabled(grad)
 
 
+def pytest_configure(config):
+    # The test models are tiny: one thread avoids OpenMP oversubscription, which on a busy 2-core machine
+    # made the suite many times slower.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -52,3 +58,25 @@ def pretrain_ckpt(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return work / "checkpoints/pretrain/last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def sft_ckpt(pretrain_ckpt, tmp_path_factory):
+    """A quick SFT of ``pretrain_ckpt`` on tinyworld (shared by the reward and PPO tests)."""
+    import os
+
+    from lit_llm.cli import main
+
+    work = tmp_path_factory.mktemp("sft")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        main([
+            "fit", "--config", str(ROOT / "configs/sft/tinyworld.yaml"), *QUIET,
+            "--model.init_from", str(pretrain_ckpt), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+            "--trainer.precision", "32-true", "--data.tinyworld_train", "640", "--data.tinyworld_val", "64",
+            "--data.tinyworld_eval", "16", "--model.learning_rate", "0.003",
+        ])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return work / "checkpoints/sft/last.ckpt"

@@ -95,7 +95,35 @@ def test_gqa_with_all_kv_heads_equals_mha():
     torch.testing.assert_close(attn(h, (cos, sin), None), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("flavour", [{}, dict(norm="layernorm", mlp="gelu", pos="learned", bias=True)])
+# Llama 4 layer kinds: MoE (top-2 softmax) on every layer, NoPE every 2nd layer with temperature tuning
+# (visible from position 2), chunks of 4 positions and QK-norm on the RoPE layers. Larger initial weights
+# than the default make every feature change the greedy tokens.
+LLAMA4_KINDS = dict(
+    init_std=0.3,
+    moe_n_expert=4,
+    moe_top_k=2,
+    moe_intermediate_size=16,
+    nope_every=2,
+    attention_chunk_size=4,
+    qk_norm=True,
+    attn_temperature_tuning=True,
+    attn_floor_scale=3.0,
+    attn_scale=0.5,
+)
+# sliding window on every layer, MoE (sigmoid, Llama 4 gating) on every 2nd one
+WINDOW_KINDS = dict(
+    init_std=0.3, sliding_window=3, moe_n_expert=3, moe_every=2, moe_score="sigmoid", moe_weight_input=True
+)
+FLAVOURS = [
+    {},
+    dict(norm="layernorm", mlp="gelu", pos="learned", bias=True),
+    LLAMA4_KINDS,
+    WINDOW_KINDS,
+    dict(n_layer=3, nope_every=3, sliding_window=5, attention_chunk_size=4),  # window and chunk together
+]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_kv_cache_incremental_equals_full_forward(flavour):
     torch.manual_seed(0)
     model = Transformer(tiny(**flavour)).eval()
@@ -106,9 +134,10 @@ def test_kv_cache_incremental_equals_full_forward(flavour):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_batched_left_padded_generation_equals_one_by_one():
+@pytest.mark.parametrize("flavour", [{}, LLAMA4_KINDS, WINDOW_KINDS])
+def test_batched_left_padded_generation_equals_one_by_one(flavour):
     torch.manual_seed(1)
-    model = Transformer(tiny()).eval()
+    model = Transformer(tiny(**flavour)).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
     batched = generate(model, prompts, max_new_tokens=10, pad_id=0).response_lists()
     for p, b in zip(prompts, batched):

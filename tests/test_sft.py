@@ -23,8 +23,6 @@ from lit_llm.data.sft import (
 from lit_llm.stages.sft import masked_lm_loss
 from lit_llm.tokenizer import Tokenizer
 
-from .conftest import QUIET, ROOT
-
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
@@ -125,22 +123,8 @@ def test_bad_records_are_named_or_counted(tmp_path, tok):
 
 
 @pytest.fixture(scope="module")
-def sft_run(pretrain_ckpt, tmp_path_factory):
-    import os
-
-    work = tmp_path_factory.mktemp("sft")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        main([
-            "fit", "--config", str(ROOT / "configs/sft/tinyworld.yaml"), *QUIET,
-            "--model.init_from", str(pretrain_ckpt), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
-            "--trainer.precision", "32-true", "--data.tinyworld_train", "640", "--data.tinyworld_val", "64",
-            "--data.tinyworld_eval", "16", "--model.learning_rate", "0.003",
-        ])  # fmt: skip
-    finally:
-        os.chdir(cwd)
-    return work
+def sft_run(sft_ckpt):
+    return sft_ckpt.parents[2]
 
 
 def test_sft_lowers_masked_loss_and_logs_exact_match(sft_run):

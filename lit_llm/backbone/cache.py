@@ -3,6 +3,11 @@
 Keys and values of every layer live in tensors allocated once, ``(B, n_kv_head, max_len, head_dim)``; each
 forward pass writes its new keys/values at ``[length, length + T)`` and attends over ``[0, length + T)``.
 No concatenation, no reallocation while generating.
+
+The cache also remembers the position of every stored key, ``(B, max_len)``: layers that attend locally
+(chunked or sliding-window attention) compare query and key positions, and with left-padded batches a
+key's position is not its index in the cache. Those layers keep every key and mask the far ones out (exact
+and simple; a rolling buffer of ``window`` / ``chunk`` keys would save memory on long generations).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class KVCache:
         shape = (batch_size, n_kv_head, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.pos = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
         self.max_len = max_len
         self.length = 0
 
@@ -47,6 +53,14 @@ class KVCache:
         self.k[layer][:, :, start:end] = k.to(self.k[layer].dtype)
         self.v[layer][:, :, start:end] = v.to(self.v[layer].dtype)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def update_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Store the positions ``(B, T)`` of the new keys; return the positions of all keys ``(B, S)``."""
+        start, end = self.length, self.length + positions.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, cache holds {self.max_len}")
+        self.pos[:, start:end] = positions
+        return self.pos[:, :end]
 
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as filled (called once per forward pass, after all layers)."""

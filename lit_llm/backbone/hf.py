@@ -1,59 +1,120 @@
-"""Conversion between our ``Transformer`` and Hugging Face ``LlamaForCausalLM`` weights.
+"""Conversion between our ``Transformer`` and Hugging Face ``LlamaForCausalLM`` / ``Llama4ForCausalLM``.
 
-Our parameter names follow Hugging Face's Llama closely (``layers.{i}.attn.q_proj`` etc.), and both use
-the half-split RoPE layout, so the conversion is a renaming. A Hugging Face config we cannot express
-(biases in the MLP, another RoPE scaling type, ...) is refused with the reason, never approximated.
+Configs and state dicts go both ways; ``export_hf`` / ``import_hf`` write and read a folder that
+``transformers.AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load offline.
+Neither needs ``transformers`` installed: configs are plain dicts, weights plain safetensors.
+
+- **Llama**: our parameter names follow Hugging Face's closely (``layers.{i}.attn.q_proj`` etc.) and both
+  use the half-split RoPE layout, so the conversion is a renaming.
+- **Llama 4** (text model, ``model_type: llama4_text``): Hugging Face rotates *adjacent* pairs
+  ``(x[2i], x[2i+1])`` while our RoPE rotates ``(x[i], x[i + D/2])``. The conversion permutes the rows of
+  every RoPE layer's ``q_proj`` and ``k_proj`` inside each head (even rows first, then odd rows), which is
+  exact: rotations act on the same pairs, and attention scores, QK-norm and the values are unchanged by a
+  permutation shared by queries and keys. NoPE layers are copied as they are. The stacked experts have the
+  same layout on both sides (``gate_up_proj (E, C, 2H)``, ``down_proj (E, H, C)``).
+
+A config that a side cannot express (biases, another RoPE scaling type, a NoPE / MoE layer pattern that is
+not "every n-th", a sliding window in a Llama 4 export, ...) is refused with the reason, never approximated.
+The multimodal ``Llama4ForConditionalGeneration`` (``model_type: llama4``) is refused: this backbone builds
+the text model only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from lit_llm.backbone.config import ModelConfig
 from lit_llm.backbone.model import Transformer
 
-_BLOCK_NAMES = {
+if TYPE_CHECKING:
+    from lit_llm.tokenizer import Tokenizer
+
+Arch = Literal["auto", "llama", "llama4"]
+
+_ATTN_NAMES = {
     "input_norm.weight": "input_layernorm.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "attn.q_proj.weight": "self_attn.q_proj.weight",
     "attn.k_proj.weight": "self_attn.k_proj.weight",
     "attn.v_proj.weight": "self_attn.v_proj.weight",
     "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-    "mlp.up_proj.weight": "mlp.up_proj.weight",
-    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_DENSE_NAMES = {f"mlp.{p}_proj.weight": f"{p}_proj.weight" for p in ("gate", "up", "down")}
+_BLOCK_NAMES = {**_ATTN_NAMES, **{k: f"mlp.{v}" for k, v in _DENSE_NAMES.items()}}  # a Llama block
+_MOE_NAMES = {
+    "mlp.router.weight": "router.weight",
+    "mlp.experts.gate_up_proj": "experts.gate_up_proj",
+    "mlp.experts.down_proj": "experts.down_proj",
+    **{
+        f"mlp.shared_expert.{p}_proj.weight": f"shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")
+    },
+}
+
+# Hugging Face's defaults for keys a Llama ``config.json`` may leave out.
+_LLAMA_DEFAULTS: dict[str, Any] = {
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+# Hugging Face's defaults for keys a Llama 4 text ``config.json`` may leave out.
+_LLAMA4_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 202048,
+    "hidden_size": 5120,
+    "intermediate_size": 8192,
+    "intermediate_size_mlp": 16384,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096 * 32,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "num_experts_per_tok": 1,
+    "num_local_experts": 16,
+    "moe_layers": None,
+    "interleave_moe_layer_step": 1,
+    "use_qk_norm": True,
+    "no_rope_layers": None,
+    "no_rope_layer_interval": 4,
+    "attention_chunk_size": 8192,
+    "layer_types": None,
+    "attn_temperature_tuning": True,
+    "floor_scale": 8192,
+    "attn_scale": 0.1,
+    "attention_bias": False,
 }
 
 
-def _rope_params(hf_config: Any) -> dict[str, Any]:
-    params = dict(
-        getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    )
-    params.setdefault(
-        "rope_theta", getattr(hf_config, "rope_theta", None) or params.get("rope_theta", 10000.0)
-    )
+# --------------------------------------------------------------------------------------------- helpers
+def _config_dict(hf_config: Any) -> dict[str, Any]:
+    """A Hugging Face config object or a ``config.json`` dict, as a dict."""
+    if isinstance(hf_config, dict):
+        return dict(hf_config)
+    return hf_config.to_dict()
+
+
+def _rope_params(c: dict[str, Any], default_theta: float) -> dict[str, Any]:
+    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    params["rope_theta"] = float(params.get("rope_theta") or c.get("rope_theta") or default_theta)
     return params
 
 
-def config_from_hf_llama(hf_config: Any) -> ModelConfig:
-    """Our ``ModelConfig`` for a Hugging Face ``LlamaConfig`` (refuses what we cannot express)."""
-
-    def refuse(reason: str) -> None:
-        raise ValueError(f"cannot convert this Llama config: {reason}")
-
-    if getattr(hf_config, "attention_bias", False):
-        refuse("attention_bias=True (our Llama flavour has no attention biases)")
-    if getattr(hf_config, "mlp_bias", False):
-        refuse("mlp_bias=True")
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        refuse(f"hidden_act={hf_config.hidden_act!r} (SwiGLU needs silu)")
-    rope = _rope_params(hf_config)
+def _rope_fields(c: dict[str, Any], default_theta: float, refuse: Any) -> dict[str, Any]:
+    """Our RoPE fields for a Hugging Face config dict (default or llama3 scaling)."""
+    rope = _rope_params(c, default_theta)
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse(f"partial_rotary_factor={rope['partial_rotary_factor']} (we rotate the whole head)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling: dict[str, Any] = {}
+    out: dict[str, Any] = {"rope_theta": rope["rope_theta"]}
     if rope_type == "llama3":
-        scaling = dict(
+        out.update(
             rope_scaling_factor=float(rope["factor"]),
             rope_low_freq_factor=float(rope["low_freq_factor"]),
             rope_high_freq_factor=float(rope["high_freq_factor"]),
@@ -61,21 +122,97 @@ def config_from_hf_llama(hf_config: Any) -> ModelConfig:
         )
     elif rope_type != "default":
         refuse(f"rope type {rope_type!r} (supported: default, llama3)")
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return out
+
+
+def _rope_dict(config: ModelConfig) -> dict[str, Any]:
+    if config.rope_scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": config.rope_theta,
+        "factor": config.rope_scaling_factor,
+        "low_freq_factor": config.rope_low_freq_factor,
+        "high_freq_factor": config.rope_high_freq_factor,
+        "original_max_position_embeddings": config.rope_original_max_seq_len,
+    }
+
+
+def _every_nth(layers: set[int], n_layer: int, what: str, refuse: Any) -> int:
+    """The ``n`` with ``layers == {n-1, 2n-1, ...}`` (0 for no layers), or refuse."""
+    if not layers:
+        return 0
+    n = min(layers) + 1
+    if set(range(n - 1, n_layer, n)) != layers:
+        refuse(f"{what} {sorted(layers)} is not 'every n-th layer' (layers n-1, 2n-1, ...)")
+    return n
+
+
+def _rope_permutation(head_dim: int) -> torch.Tensor:
+    """Row order that turns adjacent RoPE pairs into half-split pairs: evens, then odds."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def _permute_rows(w: torch.Tensor, n_head: int, head_dim: int, perm: torch.Tensor) -> torch.Tensor:
+    """Reorder the rows of a ``(n_head * head_dim, C)`` projection within each head."""
+    return w.reshape(n_head, head_dim, -1)[:, perm].reshape(n_head * head_dim, -1)
+
+
+def _common_fields(c: dict[str, Any]) -> dict[str, Any]:
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return dict(
+        vocab_size=c["vocab_size"],
+        block_size=c["max_position_embeddings"],
+        n_layer=c["num_hidden_layers"],
+        n_embd=c["hidden_size"],
+        n_head=c["num_attention_heads"],
+        n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
+        head_dim=head_dim,
+        norm_eps=c["rms_norm_eps"],
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+    )
+
+
+def _common_dict(config: ModelConfig) -> dict[str, Any]:
+    rope = _rope_dict(config)
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None if config.rope_scaling_factor is None else rope,
+        "rope_parameters": rope,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- Llama
+def config_from_hf_llama(hf_config: Any) -> ModelConfig:
+    """Our ``ModelConfig`` for a Hugging Face ``LlamaConfig`` (object or dict; refuses what we cannot express)."""
+
+    def refuse(reason: str) -> None:
+        raise ValueError(f"cannot convert this Llama config: {reason}")
+
+    c = {**_LLAMA_DEFAULTS, **_config_dict(hf_config)}
+    if c.get("attention_bias", False):
+        refuse("attention_bias=True (our Llama flavour has no attention biases)")
+    if c.get("mlp_bias", False):
+        refuse("mlp_bias=True")
+    if c.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act={c['hidden_act']!r} (SwiGLU needs silu)")
     return ModelConfig(
         name="hf-llama",
-        vocab_size=hf_config.vocab_size,
-        block_size=hf_config.max_position_embeddings,
-        n_layer=hf_config.num_hidden_layers,
-        n_embd=hf_config.hidden_size,
-        n_head=hf_config.num_attention_heads,
-        n_kv_head=hf_config.num_key_value_heads,
-        head_dim=head_dim,
-        intermediate_size=hf_config.intermediate_size,
-        norm_eps=hf_config.rms_norm_eps,
-        rope_theta=float(rope["rope_theta"]),
-        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        **scaling,
+        intermediate_size=c["intermediate_size"],
+        **_common_fields(c),
+        **_rope_fields(c, 10000.0, refuse),
     )
 
 
@@ -109,7 +246,7 @@ def state_dict_to_hf_llama(state: dict[str, torch.Tensor], config: ModelConfig) 
     return out
 
 
-def _check_llama_expressible(config: ModelConfig) -> None:
+def _llama_blockers(config: ModelConfig) -> list[str]:
     bad = []
     if config.norm != "rmsnorm":
         bad.append(f"norm={config.norm!r}")
@@ -119,43 +256,40 @@ def _check_llama_expressible(config: ModelConfig) -> None:
         bad.append(f"pos={config.pos!r}")
     if config.bias:
         bad.append("bias=True")
+    return bad
+
+
+def _llama4_only(config: ModelConfig) -> list[str]:
+    """Features a Llama checkpoint lacks but a Llama 4 one may have."""
+    bad = []
+    if config.moe_n_expert > 0:
+        bad.append(f"moe_n_expert={config.moe_n_expert}")
+    if config.nope_every > 0:
+        bad.append(f"nope_every={config.nope_every}")
+    if config.attention_chunk_size is not None:
+        bad.append(f"attention_chunk_size={config.attention_chunk_size}")
+    if config.qk_norm:
+        bad.append("qk_norm=True")
+    return bad
+
+
+def _check_llama_expressible(config: ModelConfig) -> None:
+    bad = _llama_blockers(config) + _llama4_only(config)
+    if config.sliding_window is not None:
+        bad.append(f"sliding_window={config.sliding_window}")
     if bad:
         raise ValueError(f"a Llama checkpoint cannot express {', '.join(bad)}")
 
 
-def hf_llama_config_dict(config: ModelConfig, **special_tokens: int) -> dict[str, Any]:
+def hf_llama_config_dict(config: ModelConfig, **special_tokens: Any) -> dict[str, Any]:
     """A ``config.json`` dictionary for ``LlamaForCausalLM`` with our shapes."""
     _check_llama_expressible(config)
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling_factor is not None:
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": config.rope_theta,
-            "factor": config.rope_scaling_factor,
-            "low_freq_factor": config.rope_low_freq_factor,
-            "high_freq_factor": config.rope_high_freq_factor,
-            "original_max_position_embeddings": config.rope_original_max_seq_len,
-        }
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": config.block_size,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None if config.rope_scaling_factor is None else rope,
-        "rope_parameters": rope,
-        "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
         "mlp_bias": False,
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
+        **_common_dict(config),
         **special_tokens,
     }
 
@@ -166,3 +300,359 @@ def from_hf_llama(hf_model: Any) -> Transformer:
     model = Transformer(config)
     model.load_state_dict(state_dict_from_hf_llama(hf_model.state_dict(), config))
     return model
+
+
+# --------------------------------------------------------------------------------------------- Llama 4
+def config_from_hf_llama4(hf_config: Any) -> ModelConfig:
+    """Our ``ModelConfig`` for a Hugging Face ``Llama4TextConfig`` (object or ``config.json`` dict).
+
+    Keys a ``config.json`` leaves out take Hugging Face's defaults. Layer patterns are derived as
+    Hugging Face derives them: NoPE layers where ``no_rope_layers[i] == 0`` (by default every
+    ``no_rope_layer_interval``-th layer), MoE layers ``moe_layers`` (by default every
+    ``interleave_moe_layer_step``-th), chunked attention on the RoPE layers when ``attention_chunk_size``
+    is set.
+    """
+
+    def refuse(reason: str) -> None:
+        raise ValueError(f"cannot convert this Llama 4 config: {reason}")
+
+    c = _config_dict(hf_config)
+    if c.get("model_type") == "llama4" or "text_config" in c:
+        refuse("a multimodal Llama4Config; this backbone builds the text model only (use its text_config)")
+    c = {**_LLAMA4_DEFAULTS, **c}
+    if c["attention_bias"]:
+        refuse("attention_bias=True")
+    if c["hidden_act"] != "silu":
+        refuse(f"hidden_act={c['hidden_act']!r} (SwiGLU needs silu)")
+    L = c["num_hidden_layers"]
+    uses_rope = c["no_rope_layers"] or [int((i + 1) % c["no_rope_layer_interval"] != 0) for i in range(L)]
+    if len(uses_rope) < L:
+        refuse(f"no_rope_layers has {len(uses_rope)} entries for {L} layers")
+    nope_every = _every_nth({i for i in range(L) if not uses_rope[i]}, L, "NoPE layers", refuse)
+    step = c["interleave_moe_layer_step"]
+    moe = c["moe_layers"] if c["moe_layers"] is not None else list(range(step - 1, L, step))
+    moe_every = _every_nth(set(moe), L, "moe_layers", refuse)
+    chunk = c["attention_chunk_size"]
+    derived = [
+        "chunked_attention" if uses_rope[i] and chunk is not None else "full_attention" for i in range(L)
+    ]
+    if c["layer_types"] is not None and list(c["layer_types"]) != derived:
+        refuse(f"layer_types {c['layer_types']} differ from the pattern the other fields give ({derived})")
+    floor_scale = float(c["floor_scale"])
+    moe_fields: dict[str, Any] = {}
+    if moe_every > 0:
+        moe_fields = dict(
+            moe_n_expert=c["num_local_experts"],
+            moe_top_k=c["num_experts_per_tok"],
+            moe_every=moe_every,
+            moe_intermediate_size=c["intermediate_size"],
+            moe_shared_expert=True,
+            moe_score="sigmoid",
+            moe_weight_input=True,
+            moe_aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)),
+        )
+    return ModelConfig(
+        name="hf-llama4",
+        intermediate_size=c["intermediate_size_mlp"],
+        nope_every=nope_every,
+        attention_chunk_size=chunk,
+        qk_norm=bool(c["use_qk_norm"]),
+        attn_temperature_tuning=bool(c["attn_temperature_tuning"]),
+        attn_floor_scale=floor_scale,
+        attn_scale=float(c["attn_scale"]),
+        **moe_fields,
+        **_common_fields(c),
+        **_rope_fields(c, 500000.0, refuse),
+    )
+
+
+def _check_llama4_expressible(config: ModelConfig) -> None:
+    bad = _llama_blockers(config)
+    if config.sliding_window is not None:
+        bad.append(f"sliding_window={config.sliding_window} (Llama 4 has chunked attention, no window)")
+    if config.moe_n_expert > 0:
+        if config.moe_score != "sigmoid":
+            bad.append(f"moe_score={config.moe_score!r} (Llama 4 routes with sigmoid)")
+        if not config.moe_weight_input:
+            bad.append("moe_weight_input=False (Llama 4 scales the expert input)")
+        if not config.moe_shared_expert:
+            bad.append("moe_shared_expert=False (Llama 4 always has one)")
+    if float(config.attn_floor_scale) != int(config.attn_floor_scale):
+        bad.append(f"attn_floor_scale={config.attn_floor_scale} (an integer there)")
+    if bad:
+        raise ValueError(f"a Llama 4 checkpoint cannot express {', '.join(bad)}")
+
+
+def hf_llama4_config_dict(config: ModelConfig, **special_tokens: Any) -> dict[str, Any]:
+    """A ``config.json`` dictionary for ``Llama4ForCausalLM`` (``llama4_text``) with our shapes."""
+    _check_llama4_expressible(config)
+    L, moe = config.n_layer, config.moe_n_expert > 0
+    return {
+        "architectures": ["Llama4ForCausalLM"],
+        "model_type": "llama4_text",
+        "intermediate_size": config.moe_intermediate_size if moe else config.intermediate_size,
+        "intermediate_size_mlp": config.intermediate_size,
+        "num_local_experts": config.moe_n_expert if moe else 1,
+        "num_experts_per_tok": config.moe_top_k if moe else 1,
+        "moe_layers": [i for i in range(L) if config.is_moe_layer(i)],
+        "interleave_moe_layer_step": config.moe_every,
+        "router_aux_loss_coef": config.moe_aux_loss_coef,
+        "no_rope_layers": [int(not config.is_nope_layer(i)) for i in range(L)],
+        "attention_chunk_size": config.attention_chunk_size,
+        "use_qk_norm": config.qk_norm,
+        "attn_temperature_tuning": config.attn_temperature_tuning,
+        "floor_scale": int(config.attn_floor_scale),
+        "attn_scale": config.attn_scale,
+        **_common_dict(config),
+        **special_tokens,
+    }
+
+
+def state_dict_from_hf_llama4(
+    hf_state: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """A Hugging Face ``Llama4ForCausalLM`` state dict in our names and RoPE layout."""
+    out = {
+        "embed_tokens.weight": hf_state["model.embed_tokens.weight"],
+        "norm.weight": hf_state["model.norm.weight"],
+    }
+    out["lm_head.weight"] = hf_state.get("lm_head.weight", out["embed_tokens.weight"])
+    perm = _rope_permutation(config.head_dim)
+    for i in range(config.n_layer):
+        theirs = f"model.layers.{i}."
+        for ours, name in _ATTN_NAMES.items():
+            out[f"layers.{i}.{ours}"] = hf_state[theirs + name]
+        if not config.is_nope_layer(i):
+            for proj, heads in (("q_proj", config.n_head), ("k_proj", config.n_kv_head)):
+                key = f"layers.{i}.attn.{proj}.weight"
+                out[key] = _permute_rows(out[key], heads, config.head_dim, perm)
+        names = _MOE_NAMES if config.is_moe_layer(i) else _DENSE_NAMES
+        for ours, name in names.items():
+            out[f"layers.{i}.{ours}"] = hf_state[f"{theirs}feed_forward.{name}"]
+    return out
+
+
+def state_dict_to_hf_llama4(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict in Hugging Face ``Llama4ForCausalLM`` names and RoPE layout (a tied head written once).
+
+    Raises:
+        ValueError: if the config cannot be expressed, or an expert bias (``moe_bias_update``) is non-zero.
+    """
+    _check_llama4_expressible(config)
+    out = {
+        "model.embed_tokens.weight": state["embed_tokens.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    inverse = torch.argsort(_rope_permutation(config.head_dim))
+    for i in range(config.n_layer):
+        theirs = f"model.layers.{i}."
+        for ours, name in _ATTN_NAMES.items():
+            out[theirs + name] = state[f"layers.{i}.{ours}"]
+        if not config.is_nope_layer(i):
+            for proj, heads in (("q_proj", config.n_head), ("k_proj", config.n_kv_head)):
+                key = f"{theirs}self_attn.{proj}.weight"
+                out[key] = _permute_rows(out[key], heads, config.head_dim, inverse)
+        bias = state.get(f"layers.{i}.mlp.expert_bias")
+        if bias is not None and bool(bias.ne(0).any()):
+            raise ValueError(
+                f"layer {i} has a non-zero expert selection bias (moe_bias_update), which a Llama 4 "
+                "checkpoint cannot express"
+            )
+        names = _MOE_NAMES if config.is_moe_layer(i) else _DENSE_NAMES
+        for ours, name in names.items():
+            out[f"{theirs}feed_forward.{name}"] = state[f"layers.{i}.{ours}"]
+    return out
+
+
+def from_hf_llama4(hf_model: Any) -> Transformer:
+    """Our ``Transformer`` holding the weights of a Hugging Face ``Llama4ForCausalLM`` instance."""
+    config = config_from_hf_llama4(hf_model.config)
+    model = Transformer(config)
+    model.load_state_dict(state_dict_from_hf_llama4(hf_model.state_dict(), config))
+    return model
+
+
+# ------------------------------------------------------------------------------------- either, by arch
+def hf_arch(config: ModelConfig) -> Literal["llama", "llama4"]:
+    """``llama`` when a Llama checkpoint expresses the config, else ``llama4``."""
+    blockers = _llama4_only(config) + ([] if config.sliding_window is None else ["sliding_window"])
+    return "llama4" if blockers else "llama"
+
+
+def _resolve(config: ModelConfig, arch: Arch) -> Literal["llama", "llama4"]:
+    if arch not in ("auto", "llama", "llama4"):
+        raise ValueError(f"arch must be 'auto', 'llama' or 'llama4', got {arch!r}")
+    return hf_arch(config) if arch == "auto" else arch
+
+
+def hf_config_dict(config: ModelConfig, arch: Arch = "auto", **special_tokens: Any) -> dict[str, Any]:
+    """``config.json`` for ``LlamaForCausalLM`` or ``Llama4ForCausalLM`` (``auto``: Llama when it fits)."""
+    if _resolve(config, arch) == "llama":
+        return hf_llama_config_dict(config, **special_tokens)
+    return hf_llama4_config_dict(config, **special_tokens)
+
+
+def state_dict_to_hf(
+    state: dict[str, torch.Tensor], config: ModelConfig, arch: Arch = "auto"
+) -> dict[str, torch.Tensor]:
+    """Our state dict in Hugging Face names for ``arch`` (see :func:`hf_config_dict`)."""
+    if _resolve(config, arch) == "llama":
+        return state_dict_to_hf_llama(state, config)
+    return state_dict_to_hf_llama4(state, config)
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    """Our config for a Hugging Face Llama or Llama 4 text config (object or dict), by ``model_type``."""
+    c = _config_dict(hf_config)
+    kind = c.get("model_type")
+    if kind == "llama":
+        return config_from_hf_llama(c)
+    if kind in ("llama4_text", "llama4"):
+        return config_from_hf_llama4(c)
+    raise ValueError(f"cannot convert model_type={kind!r} (supported: llama, llama4_text)")
+
+
+def state_dict_from_hf(
+    hf_state: dict[str, torch.Tensor], config: ModelConfig, model_type: str
+) -> dict[str, torch.Tensor]:
+    """A Hugging Face state dict of ``model_type`` (``llama`` / ``llama4_text``) in our names."""
+    if model_type == "llama":
+        return state_dict_from_hf_llama(hf_state, config)
+    return state_dict_from_hf_llama4(hf_state, config)
+
+
+def from_hf(hf_model: Any) -> Transformer:
+    """Our ``Transformer`` from a Hugging Face ``LlamaForCausalLM`` or ``Llama4ForCausalLM`` instance."""
+    config = config_from_hf(hf_model.config)
+    model = Transformer(config)
+    state = state_dict_from_hf(hf_model.state_dict(), config, hf_model.config.model_type)
+    model.load_state_dict(state)
+    return model
+
+
+def to_hf(model: Transformer, arch: Arch = "auto") -> Any:
+    """A Hugging Face model instance holding our weights (needs ``transformers``)."""
+    import transformers
+
+    kind = _resolve(model.config, arch)
+    values = hf_config_dict(model.config, kind)
+    for key in ("architectures", "model_type", "torch_dtype"):
+        values.pop(key)
+    if kind == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**values))
+    else:
+        hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**values))
+    state = state_dict_to_hf(model.state_dict(), model.config, kind)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"conversion bug: missing {missing}, unexpected {unexpected}")
+    return hf.to(model.embed_tokens.weight.dtype).eval()
+
+
+# ------------------------------------------------------------------------------------ folders on disk
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def export_hf(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    out_dir: str | os.PathLike,
+    arch: Arch = "auto",
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a Hugging Face model folder: ``config.json``, ``model.safetensors`` and the tokenizer files.
+
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)`` then
+    load it offline. A tied output head is stored once (``tie_word_embeddings``).
+
+    Args:
+        model: The backbone to export.
+        tokenizer: Its tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``
+            are written; ``bos/eos/pad_token_id`` go into the config); ``None`` writes weights only.
+        out_dir: Destination folder (created; existing files of the same names are replaced).
+        arch: ``llama``, ``llama4`` or ``auto`` (Llama when the config fits it, else Llama 4).
+        dtype: Store the weights in this dtype; defaults to the model's.
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_file
+
+    config = model.config
+    kind = _resolve(config, arch)
+    special: dict[str, Any] = {}
+    if tokenizer is not None:
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+            )
+        special = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": [tokenizer.end_id, tokenizer.eos_id],
+            "pad_token_id": tokenizer.pad_id,
+        }
+    dtype = dtype or model.embed_tokens.weight.dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
+    values = hf_config_dict(config, kind, **special)
+    values["torch_dtype"] = _DTYPE_NAMES[dtype]
+    state = state_dict_to_hf(model.state_dict(), config, kind)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        (out / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
+        for name, text in tokenizer.hf_files().items():
+            (out / name).write_text(text, encoding="utf-8")
+    return out
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    raise FileNotFoundError(f"no model.safetensors (or sharded index) in {folder}")
+
+
+def import_hf(
+    path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[Transformer, Tokenizer | None]:
+    """Load a Hugging Face Llama / Llama 4 text model folder as our ``Transformer`` (and tokenizer).
+
+    Args:
+        path: A folder with ``config.json`` and ``model.safetensors`` (or a sharded safetensors index).
+        dtype: Cast the model to this dtype (default: float32).
+
+    Returns:
+        The model (eval mode) and the folder's tokenizer when it is a lit_llm tokenizer (one holding our
+        special tokens), else ``None``.
+    """
+    from lit_llm.tokenizer import Tokenizer
+
+    folder = Path(path)
+    values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = config_from_hf(values)
+    model = Transformer(config)
+    model.load_state_dict(state_dict_from_hf(_read_weights(folder), config, values["model_type"]))
+    if dtype is not None:
+        model = model.to(dtype)
+    tokenizer = None
+    if (folder / "tokenizer.json").exists():
+        try:
+            tokenizer = Tokenizer.load(folder)
+        except ValueError:  # a foreign tokenizer without our special tokens
+            tokenizer = None
+    return model.eval(), tokenizer

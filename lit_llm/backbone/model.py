@@ -11,23 +11,30 @@ import math
 import torch
 from torch import nn
 
-from lit_llm.backbone.attention import Attention
+from lit_llm.backbone.attention import Attention, local_attention_mask
 from lit_llm.backbone.cache import KVCache
 from lit_llm.backbone.config import ModelConfig
 from lit_llm.backbone.mlp import GeluMLP, SwiGLU
+from lit_llm.backbone.moe import Experts, MoE
 from lit_llm.backbone.norm import build_norm
 from lit_llm.backbone.rope import inv_frequencies, rope_cos_sin
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    ``mlp`` is a dense MLP or, on the layers ``config.is_moe_layer`` picks, a Mixture-of-Experts.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_norm = build_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
         self.attn = Attention(config, layer_idx)
         self.post_attention_norm = build_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
-        if config.mlp == "swiglu":
+        self.mlp: nn.Module
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config)
+        elif config.mlp == "swiglu":
             self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.bias)
         else:
             self.mlp = GeluMLP(config.n_embd, config.intermediate_size, config.bias)
@@ -39,8 +46,9 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         attn_mask: torch.Tensor | None,
         cache: KVCache | None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.input_norm(x), rope, attn_mask, cache))
+        x = x + self.drop(self.attn(self.input_norm(x), rope, attn_mask, cache, positions))
         return x + self.drop(self.mlp(self.post_attention_norm(x)))
 
 
@@ -58,6 +66,7 @@ class Transformer(nn.Module):
         self.pos_embed = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.has_local_layers = any(config.is_local_layer(i) for i in range(config.n_layer))
         self.norm = build_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -87,6 +96,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                module.reset_parameters(std, std / math.sqrt(2 * self.config.n_layer))
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
         # the rope buffer is not a parameter; recompute it in case the model was built on the meta device
@@ -127,7 +138,8 @@ class Transformer(nn.Module):
             positions: Position of every token ``(B, T)`` (RoPE angle or learned-embedding row). Defaults to
                 ``cache.length + arange(T)``. Left-padded batches and packed sequences pass their own.
             attn_mask: Boolean ``(B, 1, T, S)``, True where a query may attend a key; ``S`` counts the cached
-                keys plus the new ones. Defaults to causal attention.
+                keys plus the new ones. Defaults to causal attention. Local layers (chunked / sliding-window
+                attention) further restrict it by comparing ``positions`` of queries and keys.
             cache: KV cache to read and extend (its length advances by ``T``).
         """
         B, T = idx.shape
@@ -146,12 +158,28 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
         else:
             rope = rope_cos_sin(positions, self.inv_freq)  # each (B, T, hd)
+        local_mask = self._local_mask(positions, attn_mask, cache) if self.has_local_layers else None
         x = self.drop(x)
         for block in self.layers:
-            x = block(x, rope, attn_mask, cache)
+            mask = local_mask if block.attn.is_local else attn_mask
+            x = block(x, rope, mask, cache, positions)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def _local_mask(
+        self, positions: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        """The mask of the local layers ``(B, 1, T, S)``: the global mask restricted to chunk / window."""
+        key_pos = cache.update_positions(positions) if cache is not None else positions  # (B, S)
+        if attn_mask is None:  # causal by index over the keys
+            T, S = positions.shape[1], key_pos.shape[1]
+            q_idx = torch.arange(S - T, S, device=positions.device)[:, None]
+            attn_mask = (torch.arange(S, device=positions.device)[None, :] <= q_idx)[None, None]
+        local = local_attention_mask(
+            positions, key_pos, self.config.attention_chunk_size, self.config.sliding_window
+        )
+        return attn_mask & local
 
     def forward(
         self,
@@ -167,3 +195,17 @@ class Transformer(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (a tied embedding counts once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def count_active_parameters(model: nn.Module) -> int:
+    """Parameters one token uses: all of them but the routed experts it is not sent to.
+
+    Every MoE layer contributes its router, its shared expert and ``top_k`` of its ``E`` routed experts.
+    Embedding and output head count in full (as in the published "active parameter" figures of Llama 4).
+    """
+    inactive = 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            per_expert = (m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()) // m.n_expert
+            inactive += (m.n_expert - m.top_k) * per_expert
+    return count_parameters(model) - inactive

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
+from lit_llm.backbone.moe import expert_load, moe_layers, update_moe_biases
 from lit_llm.stages.base import Stage
 
 
@@ -14,13 +15,18 @@ class CausalLM(Stage):
 
     Args:
         sample_prompts: Texts the sample callback continues (defaults fit tinyworld).
+        moe_bias_rate: Step size of the auxiliary-loss-free router bias update (MoE models built with
+            ``moe_bias_update``); the auxiliary losses' weights are ``moe_aux_loss_coef``/``moe_z_loss_coef``.
         (all other arguments: see ``Stage``)
     """
 
     stage_name = "pretrain"
 
-    def __init__(self, *args, sample_prompts: list[str] | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, sample_prompts: list[str] | None = None, moe_bias_rate: float = 1e-3, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.moe_bias_rate = moe_bias_rate
         self.sample_prompts = sample_prompts or ["Alice is in the", "Bob has 3"]
         self.val_ppl = Perplexity()
 
@@ -38,6 +44,24 @@ class CausalLM(Stage):
         else:
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if not moe_layers(self.model):
+            return
+        if self.config.moe_bias_update:
+            update_moe_biases(self.model, self.moe_bias_rate)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            load = expert_load(self.model)  # (n_moe_layers, E), rows sum to 1
+            E = load.shape[1]
+            for i, row in enumerate(load):
+                self.log(f"moe_load/layer{i}_min", row.min() * E, on_step=True)  # 1.0 = perfectly balanced
+                self.log(f"moe_load/layer{i}_max", row.max() * E, on_step=True)
+            exp = getattr(self.logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_histogram"):
+                for i, row in enumerate(load):
+                    # one sample per expert, weighted by its share: a histogram over expert ids
+                    exp.add_histogram(f"moe_load/layer{i}", torch.repeat_interleave(
+                        torch.arange(E), (row * 1000).round().long().cpu()), self.global_step)  # fmt: skip
 
     def sample_texts(self, max_new_tokens: int = 48) -> list[tuple[str, str]]:
         """(prompt, greedy continuation) for each sample prompt."""

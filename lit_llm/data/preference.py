@@ -1,0 +1,153 @@
+"""Preference pairs for the reward model: one prompt, a chosen and a rejected response.
+
+Formats: ``prompt``/``chosen``/``rejected`` strings, or hh-rlhf full dialogues where chosen and rejected
+share every turn up to the last assistant reply (the shared part becomes the prompt). Both responses are
+rendered with the same chat template as SFT. Too-long sequences keep their *end* (the response being
+judged); the number touched is reported, as is the number of identical pairs dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lit_llm.data import tinyworld
+from lit_llm.data.common import read_records
+from lit_llm.data.formats import Message, RecordError, parse_hh
+from lit_llm.data.sft import SFTDataModule
+from lit_llm.tokenizer import Tokenizer
+
+Pair = tuple[list[int], list[int]]
+
+
+def split_pair(record: dict[str, Any]) -> tuple[list[Message], str, str]:
+    """(prompt messages, chosen reply, rejected reply) of a record in either format."""
+    if "prompt" in record:
+        prompt = record["prompt"]
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return msgs, record["chosen"], record["rejected"]
+    chosen, rejected = parse_hh(record["chosen"]), parse_hh(record["rejected"])
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise RecordError("both dialogues must end with an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise RecordError("chosen and rejected do not share the dialogue before the last assistant turn")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def render_pair(tok: Tokenizer, prompt: list[Message], response: str, max_len: int) -> tuple[list[int], bool]:
+    """Chat-template ids of prompt + response, cut to the last ``max_len`` tokens; and whether it was cut."""
+    ids, _ = tok.render_chat([*prompt, {"role": "assistant", "content": response}])
+    return (ids[-max_len:], True) if len(ids) > max_len else (ids, False)
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded: ``input_ids``, ``valid`` ``(2B, T)``."""
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        valid[i, : len(s)] = True
+    return {"input_ids": ids, "valid": valid}
+
+
+class PreferenceDataModule(SFTDataModule):
+    """Chosen/rejected pairs for reward modelling (tokenizer, source and split options as in SFT).
+
+    Args:
+        source: ``tinyworld``, a local ``.jsonl``/``.json``/``.parquet`` (``.gz`` allowed) or ``hf:<dataset>``.
+        tokenizer: Linked from ``model.init_from`` (the SFT checkpoint).
+        seq_len: Longest sequence; longer ones keep their last ``seq_len`` tokens.
+        batch_size: Pairs per batch.
+        skip_bad_records: Skip and count malformed records instead of stopping.
+        val_fraction: Held-out share of a local/HF dataset.
+        tinyworld_train: Number of tinyworld training pairs.
+        tinyworld_val: Number of tinyworld validation pairs.
+        seed: Seed of the tinyworld generator.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        source: str = "tinyworld",
+        tokenizer: str | None = None,
+        seq_len: int = 256,
+        batch_size: int = 32,
+        skip_bad_records: bool = False,
+        val_fraction: float = 0.1,
+        tinyworld_train: int = 4000,
+        tinyworld_val: int = 400,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(source=source, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
+                         skip_bad_records=skip_bad_records, val_fraction=val_fraction, tinyworld_train=tinyworld_train,
+                         tinyworld_val=tinyworld_val, seed=seed, num_workers=num_workers)  # fmt: skip
+
+    def triples(self) -> tuple[list[tuple], list[tuple]]:
+        """(train, validation) lists of (prompt messages, chosen, rejected)."""
+        if self.source == "tinyworld":
+            n_train, n_val, _ = self.tinyworld_sizes
+            world = tinyworld.WorldConfig(seed=self.seed)
+
+            def get(split: str, n: int) -> list[tuple]:
+                return [([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"])
+                        for p in tinyworld.preference_pairs(n, split, world)]  # fmt: skip
+
+            return get("train", n_train), get("val", n_val)
+        records = read_records(self.source)
+        out, bad = [], 0
+        for i, rec in enumerate(records):
+            try:
+                out.append(split_pair(rec))
+            except (RecordError, KeyError, TypeError) as err:
+                if not self.skip_bad_records:
+                    raise RecordError(
+                        f"{self.source}, record {i}: {err} (pass --data.skip_bad_records true to skip such records)"
+                    ) from err
+                bad += 1
+        self.stats["bad_records_skipped"] = bad
+        if len(out) < 2:
+            raise ValueError(f"{self.source}: {len(out)} usable pair(s); need at least 2 (train + val)")
+        n_val = max(1, int(len(out) * self.val_fraction))
+        return out[:-n_val], out[-n_val:]
+
+    def _tokenize_pairs(self, triples: list[tuple], split: str) -> list[Pair]:
+        tok, out = self.tokenizer, []
+        identical = cut = 0
+        for prompt, chosen, rejected in triples:
+            if chosen.strip() == rejected.strip():
+                identical += 1
+                continue
+            c, cut_c = render_pair(tok, prompt, chosen, self.seq_len)
+            r, cut_r = render_pair(tok, prompt, rejected, self.seq_len)
+            cut += cut_c or cut_r
+            out.append((c, r))
+        self.stats[f"{split}_identical_dropped"] = identical
+        self.stats[f"{split}_truncated"] = cut
+        if not out:
+            raise ValueError(f"no usable {split} pairs in {self.source}")
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples:
+            return
+        train, val = self.triples()
+        self.train_examples = self._tokenize_pairs(train, "train")
+        self.val_examples = self._tokenize_pairs(val, "val")
+        rank_zero_info(
+            f"preference data: {len(self.train_examples)} train / {len(self.val_examples)} val pairs; "
+            + ", ".join(f"{k}={v}" for k, v in self.stats.items())
+        )
+
+    def _loader(self, examples: list[Pair], shuffle: bool) -> DataLoader:
+        pad = self.tokenizer.pad_id
+        return DataLoader(examples, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=lambda b: collate_pairs(b, pad))  # fmt: skip
+
+    def eval_prompts(self) -> list[dict[str, Any]]:
+        return []

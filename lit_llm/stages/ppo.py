@@ -1,0 +1,321 @@
+"""RLHF with PPO (manual optimisation): rollout -> score -> KL-shaped rewards -> GAE -> clipped updates.
+
+Four networks: the **policy** (from the SFT checkpoint, trained), the **reference** (a frozen copy of the
+SFT policy, for the KL penalty), the **critic** (a value model, trained) and the **reward model** (frozen).
+The math lives in ``lit_llm.rl``; this module only orchestrates and logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from lit_llm import rl
+from lit_llm.backbone.generate import generate
+from lit_llm.backbone.heads import ScalarHeadModel, padding_mask, positions_from_valid
+from lit_llm.data import tinyworld
+from lit_llm.evaluation import chat_completions
+from lit_llm.stages.base import Stage, load_backbone
+from lit_llm.stages.reward import RewardModel
+
+RewardFn = Callable[[dict, str], float]
+
+
+def tinyworld_gold(record: dict, response: str) -> float:
+    """tinyworld's gold reward: 1 if the response states the record's answer, else 0."""
+    return tinyworld.gold_reward(record["answer"], response)
+
+
+def import_reward_fn(spec: str) -> RewardFn:
+    """``"package.module:function"`` -> the function ``(record, response) -> float``."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"reward_fn must look like 'package.module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import reward function {spec!r}: {err}") from err
+
+
+class PPOModule(Stage):
+    """PPO on a chat policy.
+
+    Args:
+        init_from: The SFT checkpoint: the policy and the frozen reference start from it.
+        reward_model: A reward-model checkpoint (``lit-llm fit --config configs/reward/...``).
+        reward_fn: Optional Python reward ``"module:function"`` taking ``(record, response) -> float``;
+            e.g. ``lit_llm.stages.ppo:tinyworld_gold``.
+        reward_model_weight: Weight of the reward model's score in the total reward.
+        reward_fn_weight: Weight of ``reward_fn`` in the total reward.
+        gold_fn: Gold reward logged (never optimised unless also given as ``reward_fn``) to show whether RLHF
+            really helped; ``None`` disables it.
+        critic: ``reward_model``: a separate value network initialised from the reward model (default; it
+            starts out knowing which replies are good, and its updates never disturb the policy) or
+            ``policy``: a fresh value head on a copy of the policy's backbone.
+        max_new_tokens: Longest sampled reply.
+        temperature: Sampling temperature of rollouts.
+        top_k: Top-k filter of rollouts.
+        top_p: Nucleus filter of rollouts.
+        ppo_epochs: Passes over each rollout.
+        minibatch_size: Sequences per gradient step.
+        clip_eps: Policy ratio clip.
+        value_clip_eps: Value clip around the rollout's values.
+        gamma: Discount.
+        lam: GAE lambda.
+        kl_coef: Initial KL penalty coefficient (beta).
+        kl_target: Target KL per sequence for the adaptive controller; ``None`` keeps ``kl_coef`` fixed.
+        kl_horizon: Horizon of the adaptive controller.
+        kl_estimator: Per-token KL estimator in the penalty (``k1``, ``k2``, ``k3``).
+        whiten_rewards: Whiten scores across the rollout before shaping.
+        score_clip: Clip scores to ``[-score_clip, score_clip]``.
+        missing_eos_penalty: Subtracted from the score of replies that hit ``max_new_tokens`` without ending.
+        entropy_coef: Entropy bonus weight.
+        critic_learning_rate: Learning rate of the critic (the policy uses ``learning_rate``).
+        max_grad_norm: Gradient clipping of each network.
+        target_kl_stop: Stop the epochs of a step early when approximate KL exceeds this.
+        eval_max_new_tokens: Reply length when scoring held-out prompts.
+        (other arguments: see ``Stage``)
+    """
+
+    stage_name = "ppo"
+
+    def __init__(
+        self,
+        init_from: str | None = None,
+        reward_model: str | None = None,
+        reward_fn: str | None = None,
+        reward_model_weight: float = 1.0,
+        reward_fn_weight: float = 1.0,
+        gold_fn: str | None = "lit_llm.stages.ppo:tinyworld_gold",
+        critic: Literal["reward_model", "policy"] = "reward_model",
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        ppo_epochs: int = 2,
+        minibatch_size: int = 16,
+        clip_eps: float = 0.2,
+        value_clip_eps: float = 0.2,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        kl_coef: float = 0.05,
+        kl_target: float | None = None,
+        kl_horizon: float = 10000.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+        whiten_rewards: bool = False,
+        score_clip: float | None = 5.0,
+        missing_eos_penalty: float = 1.0,
+        entropy_coef: float = 0.0,
+        critic_learning_rate: float = 1e-4,
+        max_grad_norm: float = 1.0,
+        target_kl_stop: float | None = 0.5,
+        eval_max_new_tokens: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("learning_rate", 1e-5)
+        kwargs.setdefault("warmup_steps", 10)
+        kwargs.setdefault("min_lr_ratio", 1.0)
+        kwargs.setdefault("weight_decay", 0.0)
+        super().__init__(init_from=init_from, **kwargs)
+        if init_from is None:
+            raise ValueError("PPO starts from an SFT model: set --model.init_from path/to/sft.ckpt")
+        if reward_model is None and reward_fn is None:
+            raise ValueError(
+                "PPO needs a reward: set --model.reward_model path/to/reward.ckpt and/or --model.reward_fn"
+            )
+        self.automatic_optimization = False
+        self.ref = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.rm: RewardModel | None = None
+        if reward_model is not None:
+            self.rm, rm_tok = RewardModel.load(reward_model)
+            self.rm.requires_grad_(False)
+            if rm_tok.to_str() != self.tokenizer.to_str():
+                raise ValueError(f"{reward_model} uses a different tokenizer than the policy {init_from}")
+        if critic == "reward_model":
+            if self.rm is None:
+                raise ValueError("critic='reward_model' needs --model.reward_model (or use critic='policy')")
+            self.critic = copy.deepcopy(self.rm).requires_grad_(True).train()
+        else:
+            self.critic = ScalarHeadModel(load_backbone(init_from)[0])
+        self.reward_fn = import_reward_fn(reward_fn) if reward_fn else None
+        self.gold_fn = import_reward_fn(gold_fn) if gold_fn else None
+        self.kl_ctl = (
+            rl.AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+            if kl_target
+            else rl.FixedKLController(kl_coef)
+        )
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def trainable_parameters(self):
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        policy = torch.optim.AdamW(self.model.parameters(), lr=hp.learning_rate, betas=tuple(hp.betas),
+                                   weight_decay=hp.weight_decay)  # fmt: skip
+        critic = torch.optim.AdamW(
+            self.critic.parameters(), lr=hp.critic_learning_rate, betas=tuple(hp.betas)
+        )
+        return [policy, critic]
+
+    def _response_logits(self, model, seq: torch.Tensor, valid: torch.Tensor, P: int) -> torch.Tensor:
+        """Logits that predict each response token ``(B, N, V)`` (positions ``P-1 .. P+N-2``)."""
+        logits = model(seq, positions_from_valid(valid), padding_mask(valid))
+        return logits[:, P - 1 : -1]
+
+    def _scores(
+        self, records: list[dict], replies: list[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hp, parts = self.hparams, {}
+        total = torch.zeros(len(records), device=self.device)
+        if self.rm is not None:
+            rm_score = self.rm.score(self.tokenizer, [r["prompt"] for r in records], replies).float()
+            parts["rm_score"] = rm_score
+            total = total + hp.reward_model_weight * rm_score
+        if self.reward_fn is not None:
+            fn = torch.tensor([self.reward_fn(r, y) for r, y in zip(records, replies)], device=self.device)
+            parts["reward_fn"] = fn
+            total = total + hp.reward_fn_weight * fn
+        if self.gold_fn is not None and all("answer" in r for r in records):
+            parts["gold"] = torch.tensor(
+                [self.gold_fn(r, y) for r, y in zip(records, replies)], device=self.device
+            )
+        return total, parts
+
+    # -------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def rollout(self, records: list[dict]) -> dict[str, Any]:
+        """Sample replies and compute everything PPO needs about them (no gradients)."""
+        hp, tok = self.hparams, self.tokenizer
+        self.model.eval()
+        t0 = time.perf_counter()
+        out = generate(self.model, [tok.prompt_ids(r["prompt"]) for r in records], hp.max_new_tokens,
+                       hp.temperature, hp.top_k, hp.top_p, stop_tokens=[tok.end_id, tok.eos_id], pad_id=tok.pad_id)  # fmt: skip
+        gen_time = time.perf_counter() - t0
+        self.model.train()
+        # clone: generate() runs in inference mode, and autograd may not save inference tensors
+        seq, valid, P = out.sequences.clone(), out.valid.clone(), out.prompt_len
+        resp = seq[:, P:]
+        mask = valid[:, P:].float()  # (B, N)
+        replies = [tok.decode(r) for r in out.response_lists()]
+        ended = torch.isin(resp, torch.tensor([tok.end_id, tok.eos_id], device=resp.device)).any(-1)
+        logprobs = rl.logprobs_from_logits(self._response_logits(self.model, seq, valid, P), resp)
+        ref_logprobs = rl.logprobs_from_logits(self._response_logits(self.ref, seq, valid, P), resp)
+        values = self.critic.values(seq, valid)[
+            :, P - 1 : -1
+        ]  # value of the state before each response token
+        scores, parts = self._scores(records, replies)
+        raw_scores = scores.clone()
+        scores = scores - hp.missing_eos_penalty * (~ended).float()
+        if hp.whiten_rewards and len(scores) > 1:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        rewards, kl = rl.compute_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value,
+                                         hp.kl_estimator, hp.score_clip)  # fmt: skip
+        advantages, returns = rl.gae(rewards, values, mask, hp.gamma, hp.lam)
+        advantages = rl.masked_whiten(advantages, mask)
+        return dict(seq=seq, valid=valid, P=P, resp=resp, mask=mask, logprobs=logprobs, values=values,
+                    advantages=advantages, returns=returns, kl=kl, scores=raw_scores, parts=parts, replies=replies,
+                    gen_time=gen_time, ended=ended)  # fmt: skip
+
+    def training_step(self, records: list[dict], batch_idx: int) -> None:
+        hp = self.hparams
+        t0 = time.perf_counter()
+        ro = self.rollout(records)
+        policy_opt, critic_opt = self.optimizers()
+        B = ro["seq"].shape[0]
+        stats: dict[str, list[torch.Tensor]] = {}
+        stop = False
+        for _ in range(hp.ppo_epochs):
+            for idx in torch.randperm(B, device=self.device).split(hp.minibatch_size):
+                seq, valid, mask = ro["seq"][idx], ro["valid"][idx], ro["mask"][idx]
+                logits = self._response_logits(self.model, seq, valid, ro["P"])
+                logprobs = rl.logprobs_from_logits(logits, ro["resp"][idx])
+                pg_loss, pg_stats = rl.policy_loss(logprobs, ro["logprobs"][idx], ro["advantages"][idx], mask,
+                                                   hp.clip_eps)  # fmt: skip
+                entropy = rl.masked_mean(rl.entropy_from_logits(logits), mask)
+                loss = pg_loss - hp.entropy_coef * entropy
+                values = self.critic.values(seq, valid)[:, ro["P"] - 1 : -1]
+                vf_loss, vf_stats = rl.value_loss(values, ro["values"][idx], ro["returns"][idx], mask,
+                                                  hp.value_clip_eps)  # fmt: skip
+                if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
+                    raise FloatingPointError(
+                        f"ppo: non-finite loss at step {self.global_step} (policy {loss.item()}, value "
+                        f"{vf_loss.item()}); stopping, the last good checkpoint is kept. Lower the learning rates."
+                    )
+                policy_opt.zero_grad()
+                critic_opt.zero_grad()
+                self.manual_backward(loss + vf_loss)
+                self.clip_gradients(
+                    policy_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
+                )
+                self.clip_gradients(
+                    critic_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
+                )
+                policy_opt.step()
+                critic_opt.step()
+                for k, v in {**pg_stats, **vf_stats, "policy_loss": pg_loss, "value_loss": vf_loss,
+                             "entropy": entropy}.items():  # fmt: skip
+                    stats.setdefault(k, []).append(v.detach().float())
+                if hp.target_kl_stop is not None and pg_stats["approx_kl"] > hp.target_kl_stop:
+                    stop = True
+                    break
+            if stop:
+                break
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        mask = ro["mask"]
+        kl_seq = ro["kl"].sum(-1).mean()
+        self.kl_ctl.update(float(kl_seq), B * self.trainer.world_size)
+        step_time = time.perf_counter() - t0
+        log = {f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
+        log.update({
+            "ppo/score": ro["scores"].mean(),
+            "ppo/kl": kl_seq,
+            "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
+            "ppo/response_len": mask.sum(-1).mean(),
+            "ppo/ended_fraction": ro["ended"].float().mean(),
+            "ppo/explained_variance": torch.tensor(rl.explained_variance(ro["values"], ro["returns"], mask)),
+            "ppo/early_stop": torch.tensor(float(stop)),
+            "perf/rollout_tokens_per_sec": mask.sum() / ro["gen_time"],
+            "perf/generate_fraction": torch.tensor(ro["gen_time"] / step_time),
+        })  # fmt: skip
+        for k, v in ro["parts"].items():
+            log[f"ppo/{k}"] = v.float().mean()
+        self.log_dict({k: v.to(self.device).float() for k, v in log.items()}, on_step=True, sync_dist=True)
+        self.log("train/score", ro["scores"].mean(), prog_bar=True, sync_dist=True)
+        self._last_rollout = (records, ro["replies"], ro["scores"].tolist())
+
+    # -------------------------------------------------------------------------------------- validation
+    def validation_step(self, records: list[dict], batch_idx: int) -> None:
+        replies = chat_completions(self.model, self.tokenizer, [r["prompt"] for r in records],
+                                   self.hparams.eval_max_new_tokens)  # fmt: skip
+        _, parts = self._scores(records, replies)
+        for k, v in parts.items():
+            name = "gold_reward" if k == "gold" else k
+            self.log(
+                f"val/{name}", v.float().mean(), prog_bar=k == "gold", batch_size=len(records), sync_dist=True
+            )
+        self._val_samples = list(zip([r["prompt"] for r in records[:6]], replies[:6]))
+
+    def sample_texts(self) -> list[tuple[str, str]]:
+        return getattr(self, "_val_samples", [])
+
+    @rank_zero_only
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_text") or self.global_step % 25:
+            return
+        records, replies, scores = self._last_rollout
+        rows = ["| prompt | response | score |", "|---|---|---|"]
+        rows += [
+            f"| {r['prompt'][-80:]} | {y!r} | {s:.2f} |"
+            for r, y, s in list(zip(records, replies, scores))[:8]
+        ]
+        exp.add_text("rollouts", "\n".join(rows), self.global_step)

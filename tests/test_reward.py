@@ -1,0 +1,80 @@
+"""Reward model: pooling under both paddings, the loss by hand, learning tinyworld preferences."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lit_llm.backbone import ModelConfig, Transformer
+from lit_llm.backbone.heads import ScalarHeadModel, last_token_index
+from lit_llm.cli import main
+from lit_llm.data.preference import split_pair
+from lit_llm.stages.reward import RewardModel, bradley_terry_loss
+
+from .conftest import QUIET, ROOT
+
+
+def test_last_token_index_both_paddings():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert last_token_index(right).tolist() == [2, 4, 0]
+    assert last_token_index(left).tolist() == [4, 4, 4]
+
+
+def test_pooled_score_ignores_padding_side():
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(Transformer(ModelConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=4))).eval()
+    seq = torch.tensor([5, 9, 11, 3])
+    alone = rm(seq[None], torch.ones(1, 4, dtype=torch.bool))
+    right = rm(torch.tensor([[5, 9, 11, 3, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool))
+    left = rm(torch.tensor([[0, 0, 5, 9, 11, 3]]), torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool))
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+    # the head reads the hidden state at the last real token
+    hidden = rm.model.hidden(seq[None])[0, -1]
+    torch.testing.assert_close(alone[0], rm.value_head(hidden)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bradley_terry_by_hand():
+    rc, rr = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
+    want = (-math.log(1 / (1 + math.exp(-1.0))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(want, rel=1e-6)
+    with_margin = (-math.log(1 / (1 + math.exp(-0.5))) - math.log(1 / (1 + math.exp(1.5)))) / 2
+    assert bradley_terry_loss(rc, rr, margin=0.5).item() == pytest.approx(with_margin, rel=1e-6)
+    centered = want + 0.1 * ((3.0**2 + 2.0**2) / 2)
+    assert bradley_terry_loss(rc, rr, center_coef=0.1).item() == pytest.approx(centered, rel=1e-6)
+
+
+def test_hh_dialogues_split_at_the_last_assistant_turn():
+    rec = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: Why did the chicken...",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No.",
+    }
+    prompt, chosen, rejected = split_pair(rec)
+    assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
+    assert (chosen, rejected) == ("Why did the chicken...", "No.")
+
+
+def test_reward_model_learns_tinyworld_preferences(sft_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = str(ROOT / "configs/reward/tinyworld.yaml")
+    args = [*QUIET, "--model.init_from", str(sft_ckpt), "--trainer.precision", "32-true",
+            "--data.tinyworld_train", "1600", "--data.tinyworld_val", "128", "--model.learning_rate", "0.003"]  # fmt: skip
+    main(["fit", "--config", cfg, *args, "--trainer.max_steps", "50", "--trainer.val_check_interval", "50"])
+    ckpt = tmp_path / "checkpoints/reward/last.ckpt"
+    capsys.readouterr()
+    main(["validate", "--config", cfg, *args, "--ckpt_path", str(ckpt)])
+    out = capsys.readouterr().out
+    acc = float(out.split("val/acc")[1].split()[1])
+    assert acc > 0.6, out  # chance is 0.5; format errors are learnt first, arithmetic later
+    rm, tok = RewardModel.load(str(ckpt))
+    from lit_llm.data import tinyworld
+
+    pairs = tinyworld.preference_pairs(64, "test")
+    good = rm.score(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    bad = rm.score(tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    assert (good > bad).float().mean() > 0.6
+    json.dumps(good.tolist())
