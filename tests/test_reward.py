@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from lit_llm.backbone import ModelConfig, Transformer
-from lit_llm.backbone.heads import ScalarHeadModel, last_token_index
+from lit_llm.backbone.heads import ScalarHeadModel
 from lit_llm.cli import main
 from lit_llm.data.preference import split_pair
+from lit_llm.rl import last_token_index
 from lit_llm.stages.reward import RewardModel, bradley_terry_loss
 
 from .conftest import QUIET, ROOT

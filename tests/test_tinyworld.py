@@ -208,5 +208,8 @@ def test_vocabulary_small_and_docs_short():
     docs = pretrain_text(2000)
     vocab = {w.lower() for doc in docs for w in re.findall(r"[A-Za-z]+|\d+", doc)}
     assert len(vocab) < 150, sorted(vocab)
-    assert statistics.mean(len(doc.split()) for doc in docs) < 60
+    assert statistics.mean(len(doc.split()) for doc in docs) < 90
+    one_qa = pretrain_text(2000, config=WorldConfig(qa_per_doc=1))
+    assert statistics.mean(len(doc.split()) for doc in one_qa) < 60
+    assert statistics.mean(doc.count(" Q: ") for doc in docs) > 2.5  # three question lines, rarely a repeat
     assert all(" Q: " in doc and " A: The answer is " in doc for doc in docs)

@@ -10,14 +10,7 @@ import torch
 from torch import nn
 
 from lit_llm.backbone.model import Transformer
-
-
-def last_token_index(valid: torch.Tensor) -> torch.Tensor:
-    """Index of the last True in each row of ``valid`` ``(B, T)``: ``(B,)``. Right or left padding alike."""
-    if not bool(valid.any(-1).all()):
-        raise ValueError("every sequence needs at least one real token")
-    T = valid.shape[-1]
-    return (torch.arange(T, device=valid.device) * valid.long()).argmax(-1)
+from lit_llm.rl.ppo_math import last_token_index  # a leaf module of pure functions
 
 
 def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:

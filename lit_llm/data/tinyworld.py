@@ -64,6 +64,7 @@ class WorldConfig:
         n_objects: Object kinds per scene, ``1..len(OBJECTS)``.
         max_count: Largest count a person holds, ``2..20``.
         difficulties: Which question difficulties to draw from (a non-empty tuple, values in ``0, 1, 2``).
+        qa_per_doc: Question-answer lines per pretraining document, ``1..10``.
     """
 
     seed: int = 0
@@ -71,8 +72,11 @@ class WorldConfig:
     n_objects: int = 1
     max_count: int = 9
     difficulties: tuple[int, ...] = (0, 1, 2)
+    qa_per_doc: int = 3
 
     def __post_init__(self) -> None:
+        if not 1 <= self.qa_per_doc <= 10:
+            raise ValueError(f"qa_per_doc must be in 1..10, got {self.qa_per_doc}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if not 2 <= self.n_people <= len(NAMES):
@@ -271,8 +275,13 @@ def pretrain_text(n_docs: int, split: str = "train", config: WorldConfig = World
             fact = _ask(s, rng, (1, 2)).fact
             if fact not in facts:
                 facts.append(fact)
-        qa = _ask(s, rng, config.difficulties)
-        docs.append(" ".join([s.text, *facts, f"Q: {qa.question} A: {_response(qa.answer)}"]))
+        qas: list[str] = []
+        for _ in range(config.qa_per_doc):
+            qa = _ask(s, rng, config.difficulties)
+            line = f"Q: {qa.question} A: {_response(qa.answer)}"
+            if line not in qas:
+                qas.append(line)
+        docs.append(" ".join([s.text, *facts, *qas]))
     return docs
 
 
