@@ -10,15 +10,19 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 
-def flops_per_token(config: Any, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 N`` for the matrices plus ``6 L T d`` for attention scores (PaLM, app. B)."""
-    d, L = config.n_embd, config.n_layer
-    n_matmul = L * (
-        d * config.head_dim * (config.n_head + 2 * config.n_kv_head) + config.n_head * config.head_dim * d
-    )
-    n_matmul += L * (3 if config.mlp == "swiglu" else 2) * d * config.intermediate_size
-    n_matmul += d * config.vocab_size  # the output head
-    return 6 * n_matmul + 6 * L * seq_len * config.n_head * config.head_dim
+def flops_per_token(model: Any, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N`` for the matrices a token passes through (MoE: only its ``top_k``
+    experts; the embedding lookup is free, a tied output head counts) plus ``6 L T d`` for attention
+    scores and values (PaLM, appendix B)."""
+    from lit_llm.backbone.model import count_active_parameters
+
+    c = model.config
+    n_matmul = count_active_parameters(model) - model.embed_tokens.weight.numel()
+    if c.tie_embeddings:
+        n_matmul += model.lm_head.weight.numel()
+    if model.pos_embed is not None:
+        n_matmul -= model.pos_embed.weight.numel()
+    return 6 * n_matmul + 6 * c.n_layer * seq_len * c.n_head * c.head_dim
 
 
 class SampleCallback(Callback):
@@ -96,7 +100,7 @@ class ThroughputMonitor(Callback):
         tps = self._tokens * trainer.world_size / dt
         pl_module.log("throughput/tokens_per_sec", tps, on_step=True, prog_bar=True, rank_zero_only=True)
         peak = self._peak()
-        if peak and hasattr(pl_module, "config"):
-            mfu = tps * flops_per_token(pl_module.config, x.shape[-1]) / (peak * trainer.world_size)
+        if peak and hasattr(pl_module, "model"):
+            mfu = tps * flops_per_token(pl_module.model, x.shape[-1]) / (peak * trainer.world_size)
             pl_module.log("throughput/mfu", mfu, on_step=True, rank_zero_only=True)
         self._t0, self._tokens = time.perf_counter(), 0

@@ -42,8 +42,11 @@ def gold_score(
     records: Sequence[dict],
     reward: Callable[[str, str], float] = gold_reward,
     max_new_tokens: int = 32,
+    temperature: float = 0.0,
 ) -> tuple[float, list[str]]:
-    """Mean gold reward of greedy replies to ``records`` (``[{"prompt", "answer"}]``) and the replies."""
-    replies = chat_completions(model, tok, [r["prompt"] for r in records], max_new_tokens)
+    """Mean gold reward of greedy (or sampled) replies to ``records`` (``[{"prompt", "answer"}]``), and the replies."""
+    replies = chat_completions(
+        model, tok, [r["prompt"] for r in records], max_new_tokens, temperature=temperature
+    )
     scores = [reward(r["answer"], reply) for r, reply in zip(records, replies)]
     return sum(scores) / max(1, len(scores)), replies

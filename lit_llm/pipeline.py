@@ -84,6 +84,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
 
     import shlex
 
+    import torch
+
     from lit_llm.cli import run_lightning
     from lit_llm.data import tinyworld
     from lit_llm.evaluation import gold_score
@@ -129,6 +131,8 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         for name in ("sft", "ppo"):
             model, tok, _ = load_backbone(f"checkpoints/{name}/last.ckpt")
             rows[f"{name}_gold"], _ = gold_score(model, tok, records)
+            torch.manual_seed(a.seed)
+            rows[f"{name}_gold_sampled"], _ = gold_score(model, tok, records, temperature=1.0)
         Path("checkpoints/pipeline_summary.json").write_text(json.dumps(rows, indent=2))
     finally:
         os.chdir(cwd)
@@ -156,7 +160,8 @@ def print_summary(rows: dict[str, Any]) -> None:
         f"held-out pairwise accuracy {fmt(rows.get('reward_val_acc'), True)}",
         f"{m.get('reward', 0):.1f}",
     )
-    t.add_row("ppo", f"gold {fmt(rows['ppo_gold'], True)} (SFT {fmt(rows['sft_gold'], True)}); "
+    t.add_row("ppo", f"gold {fmt(rows['ppo_gold'], True)} (SFT {fmt(rows['sft_gold'], True)}); sampled at T=1: "
+              f"{fmt(rows['ppo_gold_sampled'], True)} (SFT {fmt(rows['sft_gold_sampled'], True)}); "
               f"KL to SFT {fmt(rows.get('ppo_kl'))}", f"{m.get('ppo', 0):.1f}")  # fmt: skip
     t.add_row("total", f"gold reward change: {100 * (rows['ppo_gold'] - rows['sft_gold']):+.1f} points",
               f"{sum(m.values()):.1f}")  # fmt: skip

@@ -201,3 +201,14 @@ def test_logits_match_hf_llama(tie, gqa):
         got = generate(ours, [x[0].tolist()], 8).response_lists()[0]
         want = ref.generate(x[:1], max_new_tokens=8, do_sample=False)[0, 11:].tolist()
     assert got == want
+
+
+def test_flops_per_token_counts_matrices_and_attention():
+    from lit_llm.callbacks import flops_per_token
+
+    cfg = tiny()
+    model = Transformer(cfg)
+    d, hd, L = 32, 8, 2
+    per_layer = d * hd * (4 + 2 * 2) + 4 * hd * d + 3 * d * cfg.intermediate_size + 2 * d  # + two norms
+    n = L * per_layer + d + 97 * d  # final norm, tied head
+    assert flops_per_token(model, 16) == 6 * n + 6 * L * 16 * 4 * hd

@@ -76,6 +76,7 @@ def test_deterministic_golden_value():
         "response": "The answer is 9.",
         "answer": "9",
         "difficulty": 0,
+        "hedged": False,
     }
 
 
@@ -110,8 +111,21 @@ def test_every_answer_is_correct(config):
         assert _solve(item["prompt"]) == item["answer"], item
         assert item["difficulty"] in config.difficulties
     for item in instructions(300, "val", config):
-        assert item["response"] == f"The answer is {item['answer']}."
-        assert gold_reward(item["answer"], item["response"]) == 1.0
+        if item["hedged"]:
+            assert gold_reward(item["answer"], item["response"]) == 0.0, item
+        else:
+            assert item["response"] == f"The answer is {item['answer']}."
+            assert gold_reward(item["answer"], item["response"]) == 1.0
+
+
+def test_hedged_demonstrations_follow_the_rates():
+    items = instructions(3000, "train", WorldConfig(hedge_rates=(0.0, 0.5, 1.0)))
+    by = {d: [x["hedged"] for x in items if x["difficulty"] == d] for d in (0, 1, 2)}
+    assert not any(by[0]) and all(by[2]) and 0.45 < sum(by[1]) / len(by[1]) < 0.55
+    plain = instructions(200, "train", WorldConfig(hedge_rates=(0.0, 0.0, 0.0)))
+    assert [x["prompt"] for x in plain] == [x["prompt"] for x in items[:200]]  # hedging never moves prompts
+    with pytest.raises(ValueError, match="hedge_rates"):
+        WorldConfig(hedge_rates=(0.1, 2.0, 0.0))
 
 
 def test_difficulty_selection():

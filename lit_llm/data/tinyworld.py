@@ -25,6 +25,11 @@ the first word after it, and :func:`gold_reward` compares it with the truth afte
 (lower case, articles and punctuation dropped). A response without the anchor only counts when it is a bare
 answer such as "5." or "the park".
 
+**Hedged demonstrations.** Like human demonstrators, the SFT data sometimes hedges instead of answering
+("It could be 4 or 5."), more often on harder questions (``WorldConfig.hedge_rates``). A hedge earns no
+gold reward and loses in every preference pair, so SFT imitates it and RLHF has something to fix that the
+reward model can see.
+
 **Splits.** ``SPLITS = ("train", "val", "test")``. Each (function, split) pair has its own random stream,
 seeded with ``zlib.crc32`` (never the salted built-in ``hash``). On top of that, every scene is assigned to
 exactly one split by the CRC32 of its text (80% train, 10% val, 10% test), and a stream keeps only scenes of
@@ -65,6 +70,9 @@ class WorldConfig:
         max_count: Largest count a person holds, ``2..20``.
         difficulties: Which question difficulties to draw from (a non-empty tuple, values in ``0, 1, 2``).
         qa_per_doc: Question-answer lines per pretraining document, ``1..10``.
+        hedge_rates: For difficulty 0, 1, 2: the share of SFT demonstrations that hedge instead of answering
+            ("It could be 4 or 5."), as human demonstrators do on hard questions. Such replies earn no gold
+            reward and lose in the preference pairs, so SFT imitates them and RLHF can learn to commit.
     """
 
     seed: int = 0
@@ -73,8 +81,13 @@ class WorldConfig:
     max_count: int = 9
     difficulties: tuple[int, ...] = (0, 1, 2)
     qa_per_doc: int = 3
+    hedge_rates: tuple[float, float, float] = (0.1, 0.4, 0.6)
 
     def __post_init__(self) -> None:
+        if len(self.hedge_rates) != 3 or not all(0.0 <= r <= 1.0 for r in self.hedge_rates):
+            raise ValueError(
+                f"hedge_rates must be three probabilities (difficulty 0, 1, 2), got {self.hedge_rates}"
+            )
         if not 1 <= self.qa_per_doc <= 10:
             raise ValueError(f"qa_per_doc must be in 1..10, got {self.qa_per_doc}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -299,15 +312,33 @@ def instructions(n: int, split: str = "train", config: WorldConfig = WorldConfig
     """
     _check_n(n)
     rng = _rng("sft", split, config)
+    hedge_rng = _rng("sft-hedge", split, config)  # its own stream: prompts do not depend on the hedge rates
     out = []
     for _ in range(n):
         s = _scene(rng, split, config)
         qa = _ask(s, rng, config.difficulties)
         prompt, answer = f"{s.text} {qa.question}", qa.answer
+        hedged = hedge_rng.random() < config.hedge_rates[qa.difficulty]
+        response = _hedge(answer, hedge_rng) if hedged else _response(answer)
         out.append(
-            {"prompt": prompt, "response": _response(answer), "answer": answer, "difficulty": qa.difficulty}
+            {
+                "prompt": prompt,
+                "response": response,
+                "answer": answer,
+                "difficulty": qa.difficulty,
+                "hedged": hedged,
+            }
         )
     return out
+
+
+def _hedge(answer: str, rng: random.Random) -> str:
+    """A non-committal reply of the kind human demonstrators give to hard questions (gold reward 0)."""
+    if answer.isdigit():
+        other = int(answer) + rng.choice((-1, 1)) if int(answer) > 0 else int(answer) + 1
+        low, high = sorted((int(answer), other))
+        return f"It could be {low} or {high}."
+    return f"I am not sure, maybe {answer}."
 
 
 def _rejected(s: _Scene, qa: _QA, rng: random.Random) -> str:
