@@ -17,7 +17,7 @@ def chat_completions(
     model: Transformer,
     tok: Tokenizer,
     prompts: Sequence[str],
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 48,
     batch_size: int = 64,
     temperature: float = 0.0,
 ) -> list[str]:
@@ -41,7 +41,7 @@ def gold_score(
     tok: Tokenizer,
     records: Sequence[dict],
     reward: Callable[[str, str], float] = gold_reward,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 48,
     temperature: float = 0.0,
 ) -> tuple[float, list[str]]:
     """Mean gold reward of greedy (or sampled) replies to ``records`` (``[{"prompt", "answer"}]``), and the replies."""

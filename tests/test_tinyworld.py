@@ -73,7 +73,7 @@ def test_deterministic_golden_value():
     assert instructions(1)[0] == {
         "prompt": "Alice is in the park. Alice has 9 cups. Dan is in the park. Dan has 1 cup. "
         "Gus is in the park. Gus has 4 cups. How many cups does Alice have?",
-        "response": "The answer is 9.",
+        "response": "Alice has 9 cups. The answer is 9.",
         "answer": "9",
         "difficulty": 0,
         "hedged": False,
@@ -114,7 +114,9 @@ def test_every_answer_is_correct(config):
         if item["hedged"]:
             assert gold_reward(item["answer"], item["response"]) == 0.0, item
         else:
-            assert item["response"] == f"The answer is {item['answer']}."
+            assert item["response"].endswith(f"The answer is {item['answer']}.")
+            for sentence in item["response"].split(". ")[:-1]:  # the restated facts are the scene's own
+                assert sentence + "." in item["prompt"], item
             assert gold_reward(item["answer"], item["response"]) == 1.0
 
 
@@ -144,7 +146,7 @@ def test_preference_pairs_reward_separates():
         assert gold_reward(pair["answer"], pair["chosen"]) == 1.0
         assert gold_reward(pair["answer"], pair["rejected"]) == 0.0, pair
     # rejected responses are varied: wrong answers in the canonical format and badly formatted ones
-    canonical = sum(p["rejected"].startswith("The answer is") for p in pairs)
+    canonical = sum("The answer is" in p["rejected"] for p in pairs)
     assert 0.4 * len(pairs) < canonical < 0.95 * len(pairs)
 
 
@@ -222,8 +224,8 @@ def test_vocabulary_small_and_docs_short():
     docs = pretrain_text(2000)
     vocab = {w.lower() for doc in docs for w in re.findall(r"[A-Za-z]+|\d+", doc)}
     assert len(vocab) < 150, sorted(vocab)
-    assert statistics.mean(len(doc.split()) for doc in docs) < 90
-    one_qa = pretrain_text(2000, config=WorldConfig(qa_per_doc=1))
+    assert statistics.mean(len(doc.split()) for doc in docs) < 130
+    one_qa = pretrain_text(2000, config=WorldConfig(qa_per_doc=1, show_facts=False))
     assert statistics.mean(len(doc.split()) for doc in one_qa) < 60
     assert statistics.mean(doc.count(" Q: ") for doc in docs) > 2.5  # three question lines, rarely a repeat
-    assert all(" Q: " in doc and " A: The answer is " in doc for doc in docs)
+    assert all(" Q: " in doc and " A: " in doc and "The answer is " in doc for doc in docs)

@@ -150,6 +150,7 @@ class TextDataModule(LightningDataModule):
         if meta_path.exists():
             return
         tok = self.tokenizer
+        self.cache.mkdir(parents=True, exist_ok=True)
         dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max else np.uint32
         meta = {"source": self.source, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size}
         for split, docs in zip(("train", "val"), self._texts()):

@@ -19,8 +19,10 @@ memorised facts), grouped by difficulty:
   Cara have together?"; "Who has the most apples?" (only asked when the maximum is unique)
 
 **Canonical response.** Every answer is a single word once articles are dropped (a number, a name or a
-place), and the canonical response is ``"The answer is {answer}."``, e.g. "The answer is 5." or
-"The answer is the park.". The fixed "answer is" anchor makes parsing robust: :func:`extract_answer` takes
+place). The canonical response first restates the scene sentences the answer rests on, then ends with
+``"The answer is {answer}."``, e.g. "Alice has 3 apples. Bob has 2 apples. The answer is 5." Copying a
+sentence is easy for a small transformer (an induction head), and the last step then only combines facts
+standing right next to it. ``WorldConfig(show_facts=False)`` gives the bare "The answer is 5.". The fixed "answer is" anchor makes parsing robust: :func:`extract_answer` takes
 the first word after it, and :func:`gold_reward` compares it with the truth after :func:`normalize_answer`
 (lower case, articles and punctuation dropped). A response without the anchor only counts when it is a bare
 answer such as "5." or "the park".
@@ -73,6 +75,9 @@ class WorldConfig:
         hedge_rates: For difficulty 0, 1, 2: the share of SFT demonstrations that hedge instead of answering
             ("It could be 4 or 5."), as human demonstrators do on hard questions. Such replies earn no gold
             reward and lose in the preference pairs, so SFT imitates them and RLHF can learn to commit.
+        show_facts: Canonical responses first restate the scene sentences the answer rests on ("Alice has 3
+            apples. Bob has 2 apples. The answer is 5."): copying is easy for a small transformer, and the
+            final step then only combines facts next to it. ``False``: just "The answer is 5.".
     """
 
     seed: int = 0
@@ -82,6 +87,7 @@ class WorldConfig:
     difficulties: tuple[int, ...] = (0, 1, 2)
     qa_per_doc: int = 3
     hedge_rates: tuple[float, float, float] = (0.1, 0.4, 0.6)
+    show_facts: bool = True
 
     def __post_init__(self) -> None:
         if len(self.hedge_rates) != 3 or not all(0.0 <= r <= 1.0 for r in self.hedge_rates):
@@ -133,6 +139,7 @@ class _QA:
     answer: str
     difficulty: int
     fact: str
+    support: tuple[str, ...] = ()  # the scene sentences the answer rests on, in the question's order
 
 
 def _noun(n: int, obj: str) -> str:
@@ -145,9 +152,17 @@ def _qty(n: int, obj: str) -> str:
     return f"{n} {_noun(n, obj)}"
 
 
-def _response(answer: str) -> str:
-    """The canonical response for an answer."""
-    return f"The answer is {answer}."
+def _response(answer: str, support: tuple[str, ...] = ()) -> str:
+    """The canonical response: the supporting scene sentences (if any), then ``The answer is <answer>.``"""
+    return " ".join((*support, f"The answer is {answer}."))
+
+
+def _has(s: _Scene, p: str, o: str) -> str:
+    return f"{p} has {_qty(s.count[p, o], o)}."
+
+
+def _is_in(s: _Scene, p: str) -> str:
+    return f"{p} is in the {s.place[p]}."
 
 
 # ---- question kinds: each returns a _QA, or None when it does not apply to the scene ----
@@ -156,20 +171,19 @@ def _response(answer: str) -> str:
 def _q_count(s: _Scene, rng: random.Random) -> _QA | None:
     p, o = rng.choice(s.people), rng.choice(s.objects)
     n = s.count[p, o]
-    return _QA(f"How many {o} does {p} have?", str(n), 0, f"{p} has {_qty(n, o)}.")
+    return _QA(f"How many {o} does {p} have?", str(n), 0, f"{p} has {_qty(n, o)}.", (_has(s, p, o),))
 
 
 def _q_where(s: _Scene, rng: random.Random) -> _QA | None:
     p = rng.choice(s.people)
-    return _QA(f"Where is {p}?", f"the {s.place[p]}", 0, f"{p} is in the {s.place[p]}.")
+    return _QA(f"Where is {p}?", f"the {s.place[p]}", 0, f"{p} is in the {s.place[p]}.", (_is_in(s, p),))
 
 
 def _q_sum2(s: _Scene, rng: random.Random) -> _QA | None:
     (a, b), o = rng.sample(s.people, 2), rng.choice(s.objects)
     n = s.count[a, o] + s.count[b, o]
-    return _QA(
-        f"How many {o} do {a} and {b} have together?", str(n), 1, f"{a} and {b} have {_qty(n, o)} together."
-    )
+    q, fact = f"How many {o} do {a} and {b} have together?", f"{a} and {b} have {_qty(n, o)} together."
+    return _QA(q, str(n), 1, fact, (_has(s, a, o), _has(s, b, o)))
 
 
 def _q_diff(s: _Scene, rng: random.Random) -> _QA | None:
@@ -180,14 +194,15 @@ def _q_diff(s: _Scene, rng: random.Random) -> _QA | None:
     fact = (
         f"{a} and {b} have the same number of {o}." if d == 0 else f"{a} has {d} more {_noun(d, o)} than {b}."
     )
-    return _QA(f"How many more {o} does {a} have than {b}?", str(d), 1, fact)
+    return _QA(f"How many more {o} does {a} have than {b}?", str(d), 1, fact, (_has(s, a, o), _has(s, b, o)))
 
 
 def _q_people_at(s: _Scene, rng: random.Random) -> _QA | None:
     where = s.place[rng.choice(s.people)]
     n = sum(s.place[p] == where for p in s.people)
     fact = f"There is 1 person in the {where}." if n == 1 else f"There are {n} people in the {where}."
-    return _QA(f"How many people are in the {where}?", str(n), 2, fact)
+    support = tuple(_is_in(s, p) for p in s.people if s.place[p] == where)
+    return _QA(f"How many people are in the {where}?", str(n), 2, fact, support)
 
 
 def _q_sum3(s: _Scene, rng: random.Random) -> _QA | None:
@@ -196,7 +211,9 @@ def _q_sum3(s: _Scene, rng: random.Random) -> _QA | None:
     (a, b, c), o = rng.sample(s.people, 3), rng.choice(s.objects)
     n = s.count[a, o] + s.count[b, o] + s.count[c, o]
     q = f"How many {o} do {a}, {b} and {c} have together?"
-    return _QA(q, str(n), 2, f"{a}, {b} and {c} have {_qty(n, o)} together.")
+    return _QA(
+        q, str(n), 2, f"{a}, {b} and {c} have {_qty(n, o)} together.", tuple(_has(s, p, o) for p in (a, b, c))
+    )
 
 
 def _q_most(s: _Scene, rng: random.Random) -> _QA | None:
@@ -205,7 +222,8 @@ def _q_most(s: _Scene, rng: random.Random) -> _QA | None:
     if counts[-1][0] == counts[-2][0]:
         return None
     winner = counts[-1][1]
-    return _QA(f"Who has the most {o}?", winner, 2, f"{winner} has the most {o}.")
+    support = tuple(_has(s, p, o) for p in s.people)
+    return _QA(f"Who has the most {o}?", winner, 2, f"{winner} has the most {o}.", support)
 
 
 _KINDS: dict[int, tuple[Callable[[_Scene, random.Random], _QA | None], ...]] = {
@@ -291,7 +309,7 @@ def pretrain_text(n_docs: int, split: str = "train", config: WorldConfig = World
         qas: list[str] = []
         for _ in range(config.qa_per_doc):
             qa = _ask(s, rng, config.difficulties)
-            line = f"Q: {qa.question} A: {_response(qa.answer)}"
+            line = f"Q: {qa.question} A: {_answer(qa, config)}"
             if line not in qas:
                 qas.append(line)
         docs.append(" ".join([s.text, *facts, *qas]))
@@ -319,7 +337,7 @@ def instructions(n: int, split: str = "train", config: WorldConfig = WorldConfig
         qa = _ask(s, rng, config.difficulties)
         prompt, answer = f"{s.text} {qa.question}", qa.answer
         hedged = hedge_rng.random() < config.hedge_rates[qa.difficulty]
-        response = _hedge(answer, hedge_rng) if hedged else _response(answer)
+        response = _hedge(answer, hedge_rng) if hedged else _answer(qa, config)
         out.append(
             {
                 "prompt": prompt,
@@ -332,6 +350,11 @@ def instructions(n: int, split: str = "train", config: WorldConfig = WorldConfig
     return out
 
 
+def _answer(qa: _QA, config: WorldConfig) -> str:
+    """The canonical response to a question, with its supporting sentences when ``config.show_facts``."""
+    return _response(qa.answer, qa.support if config.show_facts else ())
+
+
 def _hedge(answer: str, rng: random.Random) -> str:
     """A non-committal reply of the kind human demonstrators give to hard questions (gold reward 0)."""
     if answer.isdigit():
@@ -341,8 +364,10 @@ def _hedge(answer: str, rng: random.Random) -> str:
     return f"I am not sure, maybe {answer}."
 
 
-def _rejected(s: _Scene, qa: _QA, rng: random.Random) -> str:
-    """A plausible but wrong response: off-by-few, a number/name/place from the scene, or rambling."""
+def _rejected(s: _Scene, qa: _QA, rng: random.Random, config: WorldConfig) -> str:
+    """A plausible but wrong response: the right facts with a wrong conclusion (off-by-few, another number,
+    name or place from the scene), the facts of the wrong person, or rambling."""
+    sup = qa.support if config.show_facts else ()
     others = [p for p in s.people if p != qa.answer]
     o = rng.choice(s.objects)
     rambles = [
@@ -351,20 +376,28 @@ def _rejected(s: _Scene, qa: _QA, rng: random.Random) -> str:
         "I am not sure about that.",
     ]
     options: list[str] = []
+    if qa.difficulty == 0:  # a lookup answered from the wrong person's sentence
+        asked = qa.question.rstrip("?").split()
+        p2 = rng.choice([p for p in s.people if p not in asked])
+        if qa.answer.isdigit():
+            obj = asked[2]
+            options.append(_response(str(s.count[p2, obj]), (_has(s, p2, obj),) if sup else ()))
+        else:
+            options.append(_response(f"the {s.place[p2]}", (_is_in(s, p2),) if sup else ()))
     if qa.answer.isdigit():
         n = int(qa.answer)
         delta = rng.choice((-3, -2, -1, 1, 2, 3))
-        options += [_response(str(n + delta if n + delta >= 0 else n - delta))] * 2
+        options += [_response(str(n + delta if n + delta >= 0 else n - delta), sup)] * 2
         scene_numbers = sorted({str(c) for c in s.count.values()} - {qa.answer})
         if scene_numbers:  # e.g. the right count for a different person
-            options.append(_response(rng.choice(scene_numbers)))
+            options.append(_response(rng.choice(scene_numbers), sup))
         rambles.append(f"It could be {qa.answer} or {n + 1}.")
     elif qa.answer.startswith("the "):
         wrong = [p for p in PLACES if f"the {p}" != qa.answer]
         in_scene = [w for w in wrong if w in s.place.values()]
-        options += [_response(f"the {rng.choice(in_scene or wrong)}")] * 2
+        options += [_response(f"the {rng.choice(in_scene or wrong)}", sup)] * 2
     else:
-        options += [_response(rng.choice(others))] * 2
+        options += [_response(rng.choice(others), sup)] * 2
     options.append(rng.choice(rambles))
     choice = rng.choice(options)
     return choice if gold_reward(qa.answer, choice) == 0.0 else "I am not sure about that."
@@ -390,8 +423,8 @@ def preference_pairs(n: int, split: str = "train", config: WorldConfig = WorldCo
         qa = _ask(s, rng, config.difficulties)
         pair = {
             "prompt": f"{s.text} {qa.question}",
-            "chosen": _response(qa.answer),
-            "rejected": _rejected(s, qa, rng),
+            "chosen": _answer(qa, config),
+            "rejected": _rejected(s, qa, rng, config),
         }
         out.append({**pair, "answer": qa.answer, "difficulty": qa.difficulty})
     return out

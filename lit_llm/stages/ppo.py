@@ -94,7 +94,7 @@ class PPOModule(Stage):
         reward_fn_weight: float = 1.0,
         gold_fn: str | None = "lit_llm.stages.ppo:tinyworld_gold",
         critic: Literal["reward_model", "policy"] = "reward_model",
-        max_new_tokens: int = 16,
+        max_new_tokens: int = 48,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -115,7 +115,7 @@ class PPOModule(Stage):
         critic_learning_rate: float = 1e-4,
         max_grad_norm: float = 1.0,
         target_kl_stop: float | None = 0.5,
-        eval_max_new_tokens: int = 16,
+        eval_max_new_tokens: int = 48,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("learning_rate", 1e-5)

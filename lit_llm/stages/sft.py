@@ -36,7 +36,7 @@ class SFTModule(Stage):
 
     stage_name = "sft"
 
-    def __init__(self, *args, eval_max_new_tokens: int = 24, **kwargs) -> None:
+    def __init__(self, *args, eval_max_new_tokens: int = 48, **kwargs) -> None:
         kwargs.setdefault("learning_rate", 1e-3)
         kwargs.setdefault("warmup_steps", 20)
         super().__init__(*args, **kwargs)
