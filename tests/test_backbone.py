@@ -212,3 +212,9 @@ def test_flops_per_token_counts_matrices_and_attention():
     per_layer = d * hd * (4 + 2 * 2) + 4 * hd * d + 3 * d * cfg.intermediate_size + 2 * d  # + two norms
     n = L * per_layer + d + 97 * d  # final norm, tied head
     assert flops_per_token(model, 16) == 6 * n + 6 * L * 16 * 4 * hd
+
+
+def test_rope_frequencies_stay_float32_after_a_dtype_cast():
+    model = Transformer(tiny()).to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.inv_freq, inv_frequencies(8, 10000.0))

@@ -132,10 +132,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv_head != self.n_head:  # share each key/value head with its group of query heads
-            rep = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(rep, dim=1)
+        # enable_gqa: each key/value head serves its group of n_head / n_kv_head query heads, without copies
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -143,6 +140,7 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None,
+            enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)

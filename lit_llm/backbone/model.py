@@ -100,15 +100,23 @@ class Transformer(nn.Module):
                 module.reset_parameters(std, std / math.sqrt(2 * self.config.n_layer))
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
-        # the rope buffer is not a parameter; recompute it in case the model was built on the meta device
+        self._reset_rope()
+
+    def _reset_rope(self) -> None:
+        """Recompute the RoPE frequencies in float32 (after building on the meta device or a dtype cast)."""
+        c = self.config
         self.inv_freq = inv_frequencies(
-            self.config.head_dim,
-            self.config.rope_theta,
-            self.config.rope_scaling_factor,
-            self.config.rope_low_freq_factor,
-            self.config.rope_high_freq_factor,
-            self.config.rope_original_max_seq_len,
-        ).to(self.inv_freq.device)
+            c.head_dim, c.rope_theta, c.rope_scaling_factor, c.rope_low_freq_factor, c.rope_high_freq_factor,
+            c.rope_original_max_seq_len,
+        ).to(self.inv_freq.device)  # fmt: skip
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(bfloat16) / .half() / bf16-true would round the frequencies too (angle errors that grow with
+        # position): keep them float32 whatever the weights' dtype.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self._reset_rope()
+        return self
 
     def new_cache(
         self,
