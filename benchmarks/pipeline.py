@@ -24,12 +24,13 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/lit-llm-pipeline")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval_prompts", type=int, default=300)
+    p.add_argument("--reuse", action="store_true", help="reuse the workdir's pretrain/SFT/reward checkpoints")
     a = p.parse_args()
     work = Path(a.workdir)
     results = []
     for i, seed in enumerate(a.seeds):
-        skip = [] if i == 0 else ["--skip", "pretrain", "sft", "reward"]
-        if i > 0:  # keep each seed's PPO run apart
+        skip = [] if i == 0 and not a.reuse else ["--skip", "pretrain", "sft", "reward"]
+        if skip:  # keep each seed's PPO run apart
             shutil.rmtree(work / "checkpoints/ppo", ignore_errors=True)
         rows = run(
             ["--workdir", str(work), "--seed", str(seed), "--eval_prompts", str(a.eval_prompts), *skip]
@@ -46,11 +47,7 @@ def main() -> None:
     mean = statistics.mean(100 * (r["ppo_gold"] - r["sft_gold"]) for r in results)
     print(f"\nmean change over {len(results)} seeds: {mean:+.1f} points")
     m = first["minutes"]
-    print(
-        f"stage minutes (seed {first['seed']}): pretrain {m['pretrain']:.1f}, sft {m['sft']:.1f}, "
-        f"reward {m['reward']:.1f}, ppo {m['ppo']:.1f}, total {sum(m.values()):.1f}; pretrain val loss "
-        f"{first['pretrain_val_loss']:.3f}, reward val acc {100 * first['reward_val_acc']:.1f}%"
-    )
+    print(f"stage minutes (seed {first['seed']}): " + ", ".join(f"{k} {v:.1f}" for k, v in m.items()))
 
 
 if __name__ == "__main__":

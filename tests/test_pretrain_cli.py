@@ -106,3 +106,33 @@ def test_bad_yaml_key_and_preset_are_clear(tmp_path, monkeypatch, capsys):
     assert "learnin_rate" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown model preset 'huge'; available presets: .*tiny"):
         main(["fit", "--config", cfg, *FAST, "--data.tinyworld_docs", "50", "--model.preset", "huge"])
+
+
+def test_export_then_start_a_stage_from_the_hf_folder(tmp_path, monkeypatch, capsys):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    cfg = str(ROOT / "configs/pretrain/tiny.yaml")
+    small = [
+        "--data.tinyworld_docs",
+        "200",
+        "--data.seq_len",
+        "64",
+        "--model.model_overrides",
+        "{n_layer: 1}",
+    ]
+    main(["fit", "--config", cfg, *FAST, *small])
+    main(["export", "--ckpt", "checkpoints/pretrain/last.ckpt", "--out", "hf"])
+    assert "exported to" in capsys.readouterr().out
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from lit_llm.stages.base import load_backbone
+
+    ours, tok, _ = load_backbone("checkpoints/pretrain/last.ckpt")
+    x = torch.tensor([tok.encode("Alice has 3 apples.")])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, ours.eval()(x), atol=1e-5, rtol=1e-5)
+    # the folder starts a stage: continue pretraining from it
+    main(["fit", "--config", cfg, *FAST, "--data.tinyworld_docs", "200", "--data.seq_len", "64",
+          "--model.init_from", str(tmp_path / "hf"), "--trainer.default_root_dir", "again"])  # fmt: skip
+    from lit_llm.checkpoint import read_meta
+
+    assert read_meta("checkpoints/pretrain/last.ckpt")["model_config"]["n_layer"] == 1

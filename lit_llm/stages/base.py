@@ -14,9 +14,19 @@ from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.checkpoint import META_KEY, load_checkpoint, model_state
 from lit_llm.tokenizer import Tokenizer
 
+RNG_KEY = "lit_llm_rng"
+
 
 def load_backbone(path: str) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """The backbone, tokenizer and metadata stored in a lit_llm checkpoint (read with ``weights_only``)."""
+    """The backbone, tokenizer and metadata stored in a lit_llm checkpoint (read with ``weights_only``),
+    or in a Hugging Face Llama / Llama 4 folder (``config.json`` + safetensors, e.g. from ``lit-llm export``)."""
+    if Path(path).is_dir():
+        from lit_llm.backbone.hf import import_hf
+
+        model, tok = import_hf(path)
+        if tok is None:
+            raise ValueError(f"{path}: its tokenizer lacks lit_llm's special tokens; stages need them")
+        return model.train(), tok, {"stage": "hf", "model_config": model.config.to_dict()}
     ckpt = load_checkpoint(path)
     if META_KEY not in ckpt:
         raise ValueError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
@@ -47,6 +57,9 @@ class Stage(LightningModule):
         betas: AdamW betas.
         warmup_steps: Linear warmup steps.
         min_lr_ratio: Final learning rate of the cosine schedule, as a fraction of the peak.
+        compile: Compile each block's training forward with ``torch.compile`` (see ``lit_llm.transforms``).
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of storing
+            them: less memory for about one more forward pass of compute; same loss and gradients.
     """
 
     stage_name = "base"
@@ -63,11 +76,14 @@ class Stage(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = None
         self.parent_stage: str | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
         if init_from is not None:
             self.model, self.tokenizer, meta = load_backbone(init_from)
             self.parent_stage = meta.get("stage")
@@ -91,6 +107,17 @@ class Stage(LightningModule):
     def config(self) -> ModelConfig:
         return self.model.config
 
+    def configure_model(self) -> None:
+        """Apply the speed/memory transforms chosen by ``activation_checkpointing`` and ``compile``."""
+        from lit_llm.transforms import apply_activation_checkpointing, compile_model
+
+        if self.hparams.get("activation_checkpointing"):
+            apply_activation_checkpointing(
+                self.model
+            )  # before compile: the compiled code holds the checkpoint
+        if self.hparams.get("compile"):
+            compile_model(self.model)
+
     # ------------------------------------------------------------------------------------ tokenizer plumbing
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -108,6 +135,10 @@ class Stage(LightningModule):
             "stage": self.stage_name,
             "backbone_prefix": "model.",
         }
+        # the RNG state (dropout, sampling) so that a resumed run draws what the uninterrupted one would have
+        checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint[RNG_KEY]["cuda"] = torch.cuda.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(META_KEY)
@@ -128,15 +159,26 @@ class Stage(LightningModule):
             raise ValueError("checkpoint was written with a different tokenizer than this run's data uses")
         if meta.get("tokenizer") and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        """On resume, continue the RNG stream where the checkpoint left it (just before the next step)."""
+        state, self._rng_to_restore = self._rng_to_restore, None
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
 
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss):
+        # decided together, so that a NaN on one rank stops every rank (instead of leaving the others waiting)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             ckpt = Path(self.trainer.default_root_dir)
             raise FloatingPointError(
-                f"{self.stage_name}: loss is {loss.item()} at step {self.global_step}; stopping. The last good "
-                f"checkpoint (if any, under {ckpt}) was not overwritten. Lower the learning rate or check the data."
+                f"{self.stage_name}: loss is {loss.item()} (on this or another rank) at step {self.global_step}; "
+                f"stopping. The last good checkpoint (if any, under {ckpt}) was not overwritten. Lower the "
+                "learning rate or check the data."
             )
         return loss
 
