@@ -42,7 +42,7 @@ def main() -> None:
         "--data.source", data, "--data.text_field", "chosen", "--data.tokenizer_vocab_size", "8192",
         "--data.seq_len", "256", "--data.batch_size", "16",
         "--trainer.max_steps", str(a.pretrain_steps), "--trainer.val_check_interval", str(a.pretrain_steps),
-        "--trainer.limit_val_batches", "20", "--model.sample_prompts", "[Human: How do I]",
+        "--trainer.limit_val_batches", "20", "--model.sample_prompts", "['How do I']",
     ])  # fmt: skip
     t1 = time.perf_counter()
     cli = run_lightning([

@@ -11,11 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lit_llm.data import tinyworld
-from lit_llm.data.common import read_records
 from lit_llm.data.formats import Message, RecordError, parse_hh
 from lit_llm.data.sft import SFTDataModule
 from lit_llm.tokenizer import Tokenizer
@@ -87,6 +85,7 @@ class PreferenceDataModule(SFTDataModule):
         super().__init__(source=source, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
                          skip_bad_records=skip_bad_records, val_fraction=val_fraction, tinyworld_train=tinyworld_train,
                          tinyworld_val=tinyworld_val, seed=seed, num_workers=num_workers)  # fmt: skip
+        self.kind = "pairs"
 
     def triples(self) -> tuple[list[tuple], list[tuple]]:
         """(train, validation) lists of (prompt messages, chosen, rejected)."""
@@ -99,24 +98,9 @@ class PreferenceDataModule(SFTDataModule):
                         for p in tinyworld.preference_pairs(n, split, world)]  # fmt: skip
 
             return get("train", n_train), get("val", n_val)
-        records = read_records(self.source)
-        out, bad = [], 0
-        for i, rec in enumerate(records):
-            try:
-                out.append(split_pair(rec))
-            except (RecordError, KeyError, TypeError) as err:
-                if not self.skip_bad_records:
-                    raise RecordError(
-                        f"{self.source}, record {i}: {err} (pass --data.skip_bad_records true to skip such records)"
-                    ) from err
-                bad += 1
-        self.stats["bad_records_skipped"] = bad
-        if len(out) < 2:
-            raise ValueError(f"{self.source}: {len(out)} usable pair(s); need at least 2 (train + val)")
-        n_val = max(1, int(len(out) * self.val_fraction))
-        return out[:-n_val], out[-n_val:]
+        return self._split_records(lambda rec: [split_pair(rec)])
 
-    def _tokenize_pairs(self, triples: list[tuple], split: str) -> list[Pair]:
+    def _tokenize(self, triples: list[tuple], split: str) -> list[Pair]:
         tok, out = self.tokenizer, []
         identical = cut = 0
         for prompt, chosen, rejected in triples:
@@ -133,16 +117,8 @@ class PreferenceDataModule(SFTDataModule):
             raise ValueError(f"no usable {split} pairs in {self.source}")
         return out
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_examples:
-            return
-        train, val = self.triples()
-        self.train_examples = self._tokenize_pairs(train, "train")
-        self.val_examples = self._tokenize_pairs(val, "val")
-        rank_zero_info(
-            f"preference data: {len(self.train_examples)} train / {len(self.val_examples)} val pairs; "
-            + ", ".join(f"{k}={v}" for k, v in self.stats.items())
-        )
+    def items(self) -> tuple[list, list]:
+        return self.triples()
 
     def _loader(self, examples: list[Pair], shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_id

@@ -8,6 +8,7 @@ other and positions restart at 0 for each, so the packed loss equals the unpacke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -132,6 +133,7 @@ class SFTDataModule(LightningDataModule):
         self.too_long, self.skip_bad_records, self.val_fraction = too_long, skip_bad_records, val_fraction
         self.system_prompt, self.seed, self.num_workers = system_prompt, seed, num_workers
         self.tinyworld_sizes = (tinyworld_train, tinyworld_val, tinyworld_eval)
+        self.kind = "conversations"
         self._tokenizer: Tokenizer | None = None
         self.stats: dict[str, int] = {}
         self.train_examples: list[Example] = []
@@ -169,14 +171,20 @@ class SFTDataModule(LightningDataModule):
                 ]
 
             return convs("train", n_train), convs("val", n_val)
+        return self._split_records(lambda rec: to_conversations(rec, self.format))
+
+    def _split_records(self, convert: Callable[[dict], list]) -> tuple[list, list]:
+        """Convert every record of ``source`` (a record may give several items) and split train/validation.
+
+        Malformed records stop with an error naming the record, or are skipped and counted when
+        ``skip_bad_records`` is set.
+        """
         records = read_records(self.source)
-        if not records:
-            raise ValueError(f"{self.source}: no records")
-        out: list[list[dict]] = []
+        out: list = []
         bad = 0
         for i, rec in enumerate(records):
             try:
-                out.extend(to_conversations(rec, self.format))
+                out.extend(convert(rec))
             except (RecordError, KeyError, TypeError) as err:
                 if not self.skip_bad_records:
                     raise RecordError(
@@ -185,9 +193,7 @@ class SFTDataModule(LightningDataModule):
                 bad += 1
         self.stats["bad_records_skipped"] = bad
         if len(out) < 2:
-            raise ValueError(
-                f"{self.source}: {len(out)} usable conversation(s); need at least 2 (train + val)"
-            )
+            raise ValueError(f"{self.source}: {len(out)} usable {self.kind}; need at least 2 (train + val)")
         n_val = max(1, int(len(out) * self.val_fraction))
         return out[:-n_val], out[-n_val:]
 
@@ -225,13 +231,17 @@ class SFTDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples:
             return
-        train, val = self.conversations()
+        train, val = self.items()
         self.train_examples = self._tokenize(train, "train")
         self.val_examples = self._tokenize(val, "val")
         rank_zero_info(
-            f"SFT data: {len(self.train_examples)} train / {len(self.val_examples)} val conversations; "
+            f"{type(self).__name__}: {len(self.train_examples)} train / {len(self.val_examples)} val {self.kind}; "
             + ", ".join(f"{k}={v}" for k, v in self.stats.items())
         )
+
+    def items(self) -> tuple[list, list]:
+        """(train, validation) items to tokenize: conversations here."""
+        return self.conversations()
 
     def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_id
