@@ -216,15 +216,21 @@ def config_from_hf_llama(hf_config: Any) -> ModelConfig:
     )
 
 
+def _outer_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and output head (a tied checkpoint has no ``lm_head.weight``)."""
+    embed = hf_state["model.embed_tokens.weight"]
+    return {
+        "embed_tokens.weight": embed,
+        "norm.weight": hf_state["model.norm.weight"],
+        "lm_head.weight": hf_state.get("lm_head.weight", embed),
+    }
+
+
 def state_dict_from_hf_llama(
     hf_state: dict[str, torch.Tensor], config: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Rename a Hugging Face Llama state dict to ours."""
-    out = {
-        "embed_tokens.weight": hf_state["model.embed_tokens.weight"],
-        "norm.weight": hf_state["model.norm.weight"],
-    }
-    out["lm_head.weight"] = hf_state.get("lm_head.weight", out["embed_tokens.weight"])
+    out = _outer_from_hf(hf_state)
     for i in range(config.n_layer):
         for ours, theirs in _BLOCK_NAMES.items():
             out[f"layers.{i}.{ours}"] = hf_state[f"model.layers.{i}.{theirs}"]
@@ -412,11 +418,7 @@ def state_dict_from_hf_llama4(
     hf_state: dict[str, torch.Tensor], config: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """A Hugging Face ``Llama4ForCausalLM`` state dict in our names and RoPE layout."""
-    out = {
-        "embed_tokens.weight": hf_state["model.embed_tokens.weight"],
-        "norm.weight": hf_state["model.norm.weight"],
-    }
-    out["lm_head.weight"] = hf_state.get("lm_head.weight", out["embed_tokens.weight"])
+    out = _outer_from_hf(hf_state)
     perm = _rope_permutation(config.head_dim)
     for i in range(config.n_layer):
         theirs = f"model.layers.{i}."
