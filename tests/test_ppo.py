@@ -54,7 +54,7 @@ def test_ppo_refuses_a_missing_reward(sft_ckpt):
 
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end(tmp_path, capsys):
-    rows = main(["pipeline", "--workdir", str(tmp_path), "--fast"])
+    main(["pipeline", "--workdir", str(tmp_path), "--fast"])
     out = capsys.readouterr().out
     assert "lit-llm pipeline on tinyworld" in out and "gold reward change" in out
     summary = json.loads((tmp_path / "checkpoints/pipeline_summary.json").read_text())
@@ -62,4 +62,3 @@ def test_pipeline_runs_end_to_end(tmp_path, capsys):
     assert 0.0 <= summary["ppo_gold"] <= 1.0 and summary["ppo_kl"] is not None
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert (tmp_path / f"checkpoints/{stage}/last.ckpt").is_file()
-    del rows

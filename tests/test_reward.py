@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -78,4 +77,3 @@ def test_reward_model_learns_tinyworld_preferences(sft_ckpt, tmp_path, monkeypat
     good = rm.score(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     bad = rm.score(tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
     assert (good > bad).float().mean() > 0.6
-    json.dumps(good.tolist())
