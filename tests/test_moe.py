@@ -298,3 +298,23 @@ def test_tiny_moe_config_fits_and_generates(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     main(["generate", "--ckpt", str(ckpt), "--prompt", "Alice is", "--max_new_tokens", "5"])
     assert capsys.readouterr().out.startswith("Alice is")
+
+
+def test_causal_lm_adds_moe_aux_losses_to_the_training_objective():
+    from types import SimpleNamespace
+
+    from lit_llm.stages import CausalLM
+
+    torch.manual_seed(0)
+    tiny_moe = dict(n_layer=2, n_embd=32, n_head=4, moe_intermediate_size=32, moe_aux_loss_coef=0.5)
+    module = CausalLM(preset="llama4-tiny", model_overrides=tiny_moe, vocab_size=64, block_size=16)
+    module.trainer = SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": 1e-3}])])
+    module.log = lambda *args, **kwargs: None
+    x = torch.randint(0, 64, (2, 17))
+    batch = (x[:, :-1], x[:, 1:])
+    objective = module._step(batch, "train")
+    ce = F.cross_entropy(module.model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    aux = moe_aux_losses(module.model)
+    assert aux["loss"] > 0.1  # coef 0.5 x a load-balancing loss near 1
+    torch.testing.assert_close(objective, ce + aux["loss"])
+    torch.testing.assert_close(module._step(batch, "val"), ce)  # validation reports the LM loss alone

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from lit_llm.backbone.moe import expert_load, moe_layers, update_moe_biases
+from lit_llm.backbone.moe import expert_load, moe_aux_losses, moe_layers, update_moe_biases
 from lit_llm.stages.base import Stage
 
 
@@ -16,7 +16,8 @@ class CausalLM(Stage):
     Args:
         sample_prompts: Texts the sample callback continues (defaults fit tinyworld).
         moe_bias_rate: Step size of the auxiliary-loss-free router bias update (MoE models built with
-            ``moe_bias_update``); the auxiliary losses' weights are ``moe_aux_loss_coef``/``moe_z_loss_coef``.
+            ``moe_bias_update``). MoE models also add the load-balancing and router z-losses to the training
+            objective, weighted by ``moe_aux_loss_coef`` / ``moe_z_loss_coef`` (logged under ``moe/``).
         (all other arguments: see ``Stage``)
     """
 
@@ -41,8 +42,13 @@ class CausalLM(Stage):
         if stage != "train":
             self.val_ppl(logits.float(), y)
             self.log(f"{stage}/ppl", self.val_ppl, on_epoch=True)
-        else:
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
+            return loss
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
+        aux = moe_aux_losses(self.model)  # {} without MoE layers
+        if aux:  # load balancing and router z-loss join the objective; train/loss stays the pure LM loss
+            for name in ("load_balancing", "router_z", "max_load"):
+                self.log(f"moe/{name}", aux[name], on_step=True)
+            return loss + aux["loss"]
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
