@@ -142,6 +142,20 @@ def test_layer_patterns_follow_hf(L, step, interval):
     assert back["moe_layers"] == list(hf.moe_layers)
 
 
+def test_older_layer_type_labels_without_a_chunk_size_are_accepted():
+    """transformers 5.17 labels RoPE layers "chunked_attention" even when attention_chunk_size is None."""
+    L = BASE["num_hidden_layers"]
+    old_labels = ["full_attention" if (i + 1) % 4 == 0 else "chunked_attention" for i in range(L)]
+    ours = config_from_hf_llama4(
+        {**BASE, "num_key_value_heads": 2, "attention_chunk_size": None, "layer_types": old_labels}
+    )
+    assert ours.attention_chunk_size is None and not any(ours.is_local_layer(i) for i in range(L))
+    with pytest.raises(ValueError, match="layer_types"):  # a real mismatch is still refused
+        config_from_hf_llama4(
+            {**BASE, "attention_chunk_size": None, "layer_types": ["full_attention"] * 3 + ["x"]}
+        )
+
+
 def test_unexpressible_configs_are_refused_with_the_reason():
     tiny = dict(vocab_size=97, n_layer=2, n_embd=32, n_head=4)
     with pytest.raises(ValueError, match="sliding_window=4"):

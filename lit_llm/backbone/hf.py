@@ -342,7 +342,11 @@ def config_from_hf_llama4(hf_config: Any) -> ModelConfig:
     derived = [
         "chunked_attention" if uses_rope[i] and chunk is not None else "full_attention" for i in range(L)
     ]
-    if c["layer_types"] is not None and list(c["layer_types"]) != derived:
+    given = c["layer_types"]
+    if given is not None and chunk is None:
+        # some transformers versions (5.17 seen) label RoPE layers "chunked_attention" with no chunk size set
+        given = ["full_attention" if t == "chunked_attention" else t for t in given]
+    if given is not None and list(given) != derived:
         refuse(f"layer_types {c['layer_types']} differ from the pattern the other fields give ({derived})")
     floor_scale = float(c["floor_scale"])
     moe_fields: dict[str, Any] = {}
