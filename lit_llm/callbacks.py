@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_only
 def flops_per_token(model: Any, seq_len: int) -> float:
     """Training FLOPs per token: ``6 N`` for the matrices a token passes through (MoE: only its ``top_k``
     experts; the embedding lookup is free, a tied output head counts) plus ``6 L T d`` for attention
-    scores and values (PaLM, appendix B)."""
+    scores and values. PaLM (appendix B) counts ``12 L T d``, the full score matrix; causal attention
+    computes half of it, so MFU figures here are the work actually done (PaLM's count reads higher)."""
     from lit_llm.backbone.model import count_active_parameters
 
     c = model.config
