@@ -129,9 +129,12 @@ class Attention(nn.Module):
                 positions = torch.arange(start, start + T, device=x.device).expand(B, T)
             scales = temperature_scales(positions, self.floor_scale, self.attn_scale)  # (B, T)
             q = (q * scales[:, None, :, None]).to(q.dtype)
+        out_dtype = q.dtype
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            # attend in the cache's dtype: casting one query is cheaper than casting every cached key, and
+            # generate keeps CPU caches in float32 (CPU's bfloat16 attention kernel is slow for one query)
+            q = q.to(k.dtype)
         # enable_gqa: each key/value head serves its group of n_head / n_kv_head query heads, without copies
         y = F.scaled_dot_product_attention(
             q,
@@ -142,5 +145,5 @@ class Attention(nn.Module):
             is_causal=attn_mask is None,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        y = y.to(out_dtype).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)

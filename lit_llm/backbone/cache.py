@@ -8,6 +8,10 @@ The cache also remembers the position of every stored key, ``(B, max_len)``: lay
 (chunked or sliding-window attention) compare query and key positions, and with left-padded batches a
 key's position is not its index in the cache. Those layers keep every key and mask the far ones out (exact
 and simple; a rolling buffer of ``window`` / ``chunk`` keys would save memory on long generations).
+
+:class:`StaticKVCache` is the fixed-shape variant for compiled decoding: it writes at slots the caller names
+and always returns the whole buffers, so every decode step has the same shapes and ``torch.compile`` traces it
+once (the mask, not a slice, hides the empty slots).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import torch
 class KVCache:
     """Per-layer key/value buffers plus the number of positions already filled.
 
+    Attributes:
+        static: False here: ``update`` returns the filled prefix ``[0, length)``; see :class:`StaticKVCache`.
+
     Args:
         n_layer: Number of transformer blocks.
         batch_size: Rows decoded together.
@@ -27,6 +34,8 @@ class KVCache:
         dtype: Storage dtype (use the model's compute dtype).
         device: Storage device.
     """
+
+    static = False
 
     def __init__(
         self,
@@ -68,3 +77,31 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose shapes never change, for ``torch.compile``-d decoding.
+
+    The caller sets :attr:`index` (the cache slots the next forward pass writes, ``(T,)`` long) before each
+    forward pass, and passes explicit ``positions`` and a boolean mask over all ``max_len`` slots (empty and
+    future slots False). ``update`` writes with ``index_copy_`` and returns the whole buffers, and the model does not
+    advance :attr:`length`: nothing in a decode step depends on a Python integer that changes from step to
+    step, so a compiled step is traced once and replayed for every token.
+    """
+
+    static = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.index = torch.zeros(0, dtype=torch.long, device=self.pos.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` ``(B, n_kv_head, T, hd)`` at slots :attr:`index`; return the whole buffers."""
+        self.k[layer].index_copy_(2, self.index, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, self.index, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def update_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Write the positions ``(B, T)`` at slots :attr:`index`; return the positions of all slots."""
+        self.pos.index_copy_(1, self.index, positions)
+        return self.pos

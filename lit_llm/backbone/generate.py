@@ -8,7 +8,7 @@ it would get alone. A preallocated KV cache makes each new token cost one positi
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +52,7 @@ def sample(
 ) -> torch.Tensor:
     """One token id per row ``(B,)``: greedy (argmax) when ``temperature == 0``, else sampled."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.float().argmax(dim=-1)  # float32: CPU's bfloat16 argmax is several times slower
     probs = logits_to_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -70,14 +70,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     return ids, valid
 
 
-def attention_mask(key_valid: torch.Tensor, q_start: int, q_len: int) -> torch.Tensor:
-    """Boolean ``(B, 1, q_len, q_start + q_len)`` mask: causal, padded keys hidden, self always visible.
+def attention_mask(
+    key_valid: torch.Tensor, q_start: int, q_len: int, n_keys: int | None = None
+) -> torch.Tensor:
+    """Boolean ``(B, 1, q_len, S)`` mask: causal, padded keys hidden, self always visible.
 
-    A padded query would otherwise see no key at all (a NaN row in softmax); letting every position see
-    itself keeps the arithmetic finite, and a padded position's output is never used.
+    ``S = n_keys`` (all slots of a :class:`~lit_llm.backbone.cache.StaticKVCache`; later slots are hidden as
+    future ones) or, by default, ``q_start + q_len``. A padded query would otherwise see no key at all (a NaN
+    row in softmax); letting every position see itself keeps the arithmetic finite, and a padded position's
+    output is never used.
     """
-    S = q_start + q_len
-    q_pos = torch.arange(q_start, S, device=key_valid.device)[:, None]  # (q_len, 1)
+    S = q_start + q_len if n_keys is None else n_keys
+    q_pos = torch.arange(q_start, q_start + q_len, device=key_valid.device)[:, None]  # (q_len, 1)
     k_pos = torch.arange(S, device=key_valid.device)[None, :]  # (1, S)
     mask = (k_pos <= q_pos)[None] & key_valid[:, None, :S]  # (B, q_len, S)
     mask = mask | (k_pos == q_pos)[None]
@@ -111,6 +115,46 @@ class Generation:
         return [r[m].tolist() for r, m in zip(self.responses, self.response_mask)]
 
 
+def _next_token_logits(
+    model: Transformer, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache
+) -> torch.Tensor:
+    """Logits ``(B, V)`` for the token after ``idx``: the head runs on the last position only."""
+    return model.lm_head(model.hidden(idx, positions, mask, cache)[:, -1])
+
+
+_compiled_steps: dict[str, Callable] = {}
+STATIC_CACHE_BUCKET = 64  # compiled decoding sizes its cache in multiples of this many positions
+
+
+def compiled_next_token_logits(frozen: bool = False) -> Callable:
+    """:func:`_next_token_logits` through ``torch.compile`` (built once; traced per model and shape).
+
+    ``frozen`` compiles with Inductor's weight freezing: the weights become constants of the compiled code
+    (on CPU, pre-packed for oneDNN), which makes bfloat16 decoding faster but means later changes to the
+    weights are not seen.
+    """
+    key = "frozen" if frozen else "default"
+    if key not in _compiled_steps:
+        # one trace per (model, dtype, batch size, cache length): Dynamo's default limit of 8 traces per
+        # function would silently fall back to eager after a few models or batch sizes
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        options = {"freezing": True} if frozen else None
+        _compiled_steps[key] = torch.compile(_next_token_logits, dynamic=False, options=options)
+    return _compiled_steps[key]
+
+
+def _check_compile(model: Transformer, compile: bool | str, use_cache: bool) -> None:
+    if compile not in (False, True, "frozen"):
+        raise ValueError(f"compile must be False, True or 'frozen', got {compile!r}")
+    if compile and not use_cache:
+        raise ValueError("compile decodes with the KV cache: it cannot be combined with use_cache=False")
+    if compile == "frozen" and any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "compile='frozen' bakes the weights into the compiled code, so later updates would be ignored: "
+            "call model.requires_grad_(False) first to mark them final (or use compile=True)"
+        )
+
+
 def _decode(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -122,8 +166,11 @@ def _decode(
     pad_id: int,
     generator: torch.Generator | None,
     use_cache: bool,
+    compile: bool | str = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(token (B,), was_live (B,), ids_so_far, valid_so_far)`` after each new token."""
+    _check_compile(model, compile, use_cache)
+    compile, frozen = bool(compile), compile == "frozen"
     device = model.embed_tokens.weight.device
     ids, valid = left_pad(prompts, pad_id, device)
     B, P = ids.shape
@@ -135,9 +182,24 @@ def _decode(
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ...
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     live = torch.ones(B, dtype=torch.bool, device=device)
-    cache = model.new_cache(B, total) if use_cache else None
-
-    logits = model(ids[:, :P], positions[:, :P], attention_mask(valid, 0, P), cache)[:, -1]  # prefill
+    n_keys = None
+    if compile:  # a static cache attends over all its slots, empty ones masked; round its length up so that
+        # calls with other prompt lengths reuse the same compiled step
+        n_keys = -(-total // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        valid = torch.cat([valid, torch.zeros((B, n_keys - total), dtype=torch.bool, device=device)], 1)
+    # float32 keys/values on CPU whatever the weights' dtype: its bfloat16 attention kernel is several times
+    # slower than the float32 one for a single query (benchmarks/BENCHMARKS.md, decoding)
+    cache_dtype = torch.float32 if device.type == "cpu" else None
+    cache = model.new_cache(B, n_keys or total, cache_dtype, static=compile) if use_cache else None
+    step_logits = compiled_next_token_logits(frozen) if compile else _next_token_logits
+    if compile:
+        cache.index = torch.arange(P, device=device)
+    # prefill, eager: it runs once per call and its shape changes with the prompt length
+    logits = _next_token_logits(
+        model, ids[:, :P], positions[:, :P], attention_mask(valid, 0, P, n_keys), cache
+    )
+    if compile:
+        cache.index = torch.zeros(1, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         t = P + step
         tok = sample(logits, temperature, top_k, top_p, generator)
@@ -151,12 +213,16 @@ def _decode(
         yield tok, was_live, ids[:, : t + 1], valid[:, : t + 1]
         if not bool(live.any()) or step == max_new_tokens - 1:
             return
-        if cache is not None:
-            logits = model(ids[:, t : t + 1], positions[:, t : t + 1], attention_mask(valid, t, 1), cache)[
-                :, -1
-            ]
-        else:
-            logits = model(ids[:, : t + 1], positions[:, : t + 1], attention_mask(valid, 0, t + 1))[:, -1]
+        if cache is None:  # recompute the whole sequence
+            logits = _next_token_logits(
+                model, ids[:, : t + 1], positions[:, : t + 1], attention_mask(valid, 0, t + 1), None
+            )
+            continue
+        if compile:
+            cache.index.fill_(t)
+        mask = attention_mask(valid, t, 1, n_keys)
+        # fresh (B, 1) tensors rather than views into ids/positions: a compiled step sees the same layout
+        logits = step_logits(model, tok[:, None], positions[:, t : t + 1].clone(), mask, cache)
 
 
 @torch.inference_mode()
@@ -171,6 +237,7 @@ def generate(
     pad_id: int = 0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool | str = False,
 ) -> Generation:
     """Continue a batch of prompts (token lists of any lengths).
 
@@ -185,11 +252,17 @@ def generate(
         pad_id: Filler for left padding and for rows that stopped.
         generator: Random generator for reproducible sampling.
         use_cache: Decode with the KV cache (default) or recompute the whole sequence each step.
+        compile: Run each decode step through ``torch.compile`` over a fixed-shape cache
+            (:class:`~lit_llm.backbone.cache.StaticKVCache`): the first call per model, batch size and total
+            length compiles (tens of seconds), later ones replay it. Worth it for long or repeated decoding.
+            ``"frozen"`` also freezes the weights into the compiled code (faster in bfloat16 on CPU; the
+            model's parameters must have ``requires_grad=False``, and changes to them are not seen later).
     """
     P = max(len(p) for p in prompts) if prompts else 0
     steps = _decode(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id, generator, use_cache
-    )
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id, generator, use_cache,
+        compile,
+    )  # fmt: skip
     last = deque(steps, maxlen=1)  # run the decoder to the end, keep its final state
     if not last:  # max_new_tokens == 0
         ids, valid = left_pad(prompts, pad_id, model.embed_tokens.weight.device)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lit_llm.backbone.attention import Attention, local_attention_mask
-from lit_llm.backbone.cache import KVCache
+from lit_llm.backbone.cache import KVCache, StaticKVCache
 from lit_llm.backbone.config import ModelConfig
 from lit_llm.backbone.mlp import GeluMLP, SwiGLU
 from lit_llm.backbone.moe import Experts, MoE
@@ -124,11 +124,13 @@ class Transformer(nn.Module):
         max_len: int,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        static: bool = False,
     ) -> KVCache:
-        """An empty KV cache for ``batch_size`` rows of up to ``max_len`` positions."""
+        """An empty KV cache for ``batch_size`` rows of up to ``max_len`` positions (fixed-shape if ``static``)."""
         p = self.embed_tokens.weight
         c = self.config
-        return KVCache(
+        cls = StaticKVCache if static else KVCache
+        return cls(
             c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device
         )
 
@@ -151,7 +153,12 @@ class Transformer(nn.Module):
             cache: KV cache to read and extend (its length advances by ``T``).
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        if cache is not None and cache.static and (positions is None or attn_mask is None):
+            raise ValueError(
+                "a StaticKVCache needs explicit positions and an attention mask over all its slots "
+                "(see lit_llm.backbone.generate, which builds both)"
+            )
+        start = cache.length if cache is not None and not cache.static else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         if attn_mask is None and cache is not None and (start > 0 or T > 1):
@@ -171,7 +178,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             mask = local_mask if block.attn.is_local else attn_mask
             x = block(x, rope, mask, cache, positions)
-        if cache is not None:
+        if cache is not None and not cache.static:
             cache.advance(T)
         return self.norm(x)
 

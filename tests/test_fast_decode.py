@@ -1,0 +1,108 @@
+"""Fast decoding: the fixed-shape cache, compiled decode steps and weight-only int8 quantization."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lit_llm.backbone import Transformer
+from lit_llm.backbone.generate import attention_mask, generate
+from lit_llm.backbone.quantize import Int8Linear, quantize_int8, quantize_weight
+from tests.test_backbone import LLAMA4_KINDS, WINDOW_KINDS, tiny
+
+
+@pytest.mark.parametrize("flavour", [{}, LLAMA4_KINDS, WINDOW_KINDS])
+def test_static_cache_incremental_equals_full_forward(flavour):
+    """Written at named slots, attended over all slots with a mask: the same logits as one full pass."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(**flavour)).eval()
+    B, T, slots = 3, 12, 20  # more slots than tokens: the empty ones must be masked out
+    x = torch.randint(0, 97, (B, T))
+    full = model(x)
+    cache = model.new_cache(B, slots, static=True)
+    valid = torch.zeros(B, slots, dtype=torch.bool)
+    valid[:, :T] = True
+    positions = torch.arange(T).expand(B, T)
+    parts = []
+    for a, b in [(0, 5), (5, 6), (6, T)]:
+        cache.index = torch.arange(a, b)
+        parts.append(model(x[:, a:b], positions[:, a:b], attention_mask(valid, a, b - a, slots), cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 0  # the model never advances a static cache: the caller moves `index`
+
+
+def test_static_cache_needs_explicit_positions_and_mask():
+    model = Transformer(tiny()).eval()
+    cache = model.new_cache(1, 8, static=True)
+    with pytest.raises(ValueError, match="explicit positions and an attention mask"):
+        model(torch.tensor([[1, 2]]), cache=cache)
+
+
+def test_compile_argument_errors_are_clear():
+    model = Transformer(tiny()).eval()
+    with pytest.raises(ValueError, match="requires_grad_"):
+        generate(model, [[1, 2]], 2, compile="frozen")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(model, [[1, 2]], 2, compile=True, use_cache=False)
+    with pytest.raises(ValueError, match="compile must be"):
+        generate(model, [[1, 2]], 2, compile="fast")
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager():
+    """A torch.compile-d decode step over the static cache gives the eager tokens, for padded batches and
+    for a second call with other prompt lengths (the same compiled step is reused)."""
+    torch.manual_seed(1)
+    model = Transformer(tiny()).eval()
+    for prompts in ([[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]], [[9, 8], [7, 6, 5, 4], [3, 2, 1]]):
+        eager = generate(model, prompts, 10, stop_tokens=[7])
+        compiled = generate(model, prompts, 10, stop_tokens=[7], compile=True)
+        assert torch.equal(compiled.sequences, eager.sequences)
+        assert torch.equal(compiled.valid, eager.valid)
+
+
+def test_quantize_weight_is_symmetric_per_row_rounding():
+    w = torch.tensor([[0.5, -1.27, 0.003], [2.0, 1.1, -0.5]])
+    q, scale = quantize_weight(w)
+    torch.testing.assert_close(scale, torch.tensor([1.27 / 127, 2.0 / 127]))
+    assert q.dtype == torch.int8
+    assert q.tolist() == [[50, -127, 0], [127, 70, -32]]  # e.g. 1.1 / (2 / 127) = 69.85 -> 70
+    # each weight is off by at most half a quantization step
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_int8_linear_equals_the_dequantized_product():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=True)
+    q8 = Int8Linear(lin)
+    w = q8.weight_int8.float() * q8.scale[:, None]  # what the layer claims to compute with
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(q8(x), x @ w.T + lin.bias.detach())  # float32: dequantize-on-the-fly path
+    # bfloat16 on CPU: the fused int8-weight kernel, same product up to bfloat16 rounding
+    lin_bf16 = copy.deepcopy(lin).to(torch.bfloat16)
+    q8b = Int8Linear(lin_bf16)
+    xb = x.to(torch.bfloat16)
+    ref = xb.float() @ q8b.dequantized_weight().float().T + lin_bf16.bias.float()
+    torch.testing.assert_close(q8b(xb).float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_quantized_model_stays_close_and_decodes():
+    torch.manual_seed(0)
+    model = Transformer(tiny(init_std=0.3)).eval()
+    embed = model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match="eval"):
+        quantize_int8(copy.deepcopy(model).train())
+    qmodel = quantize_int8(copy.deepcopy(model).to(torch.bfloat16).eval())
+    assert isinstance(qmodel.lm_head, Int8Linear) and isinstance(qmodel.layers[0].attn.q_proj, Int8Linear)
+    assert torch.equal(qmodel.embed_tokens.weight.float(), embed.to(torch.bfloat16).float())  # lookup stays
+    x = torch.randint(0, 97, (32, 10))
+    ref, got = model(x)[:, -1], qmodel(x)[:, -1].float()
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 0.05, f"int8 logits off by {rel:.3f} relative"
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    # decoding with it works (bfloat16 weights, float32 CPU cache) and mostly agrees with float32
+    out = generate(qmodel, x[:4].tolist(), 6).responses
+    assert out.shape == (4, 6)
+    assert (out[:, 0] == generate(model, x[:4].tolist(), 1).responses[:, 0]).float().mean() >= 0.75
