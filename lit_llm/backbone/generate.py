@@ -7,12 +7,13 @@ it would get alone. A preallocated KV cache makes each new token cost one positi
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from lit_llm.backbone.cache import KVCache
 from lit_llm.backbone.model import Transformer
 
 
@@ -126,21 +127,47 @@ _compiled_steps: dict[str, Callable] = {}
 STATIC_CACHE_BUCKET = 64  # compiled decoding sizes its cache in multiples of this many positions
 
 
-def compiled_next_token_logits(frozen: bool = False) -> Callable:
+def compiled_next_token_logits(frozen: bool = False, cuda_graphs: bool = False) -> Callable:
     """:func:`_next_token_logits` through ``torch.compile`` (built once; traced per model and shape).
 
     ``frozen`` compiles with Inductor's weight freezing: the weights become constants of the compiled code
     (on CPU, pre-packed for oneDNN), which makes bfloat16 decoding faster but means later changes to the
-    weights are not seen.
+    weights are not seen. ``cuda_graphs`` replays each step as one CUDA graph (a decode step of a small model
+    is otherwise dominated by kernel launches); the returned logits are overwritten by the next step.
     """
-    key = "frozen" if frozen else "default"
+    key = ("frozen" if frozen else "default") + ("-cudagraphs" if cuda_graphs else "")
     if key not in _compiled_steps:
         # one trace per (model, dtype, batch size, cache length): Dynamo's default limit of 8 traces per
         # function would silently fall back to eager after a few models or batch sizes
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        options = {"freezing": True} if frozen else None
+        options = {"freezing": frozen, "triton.cudagraphs": cuda_graphs}
         _compiled_steps[key] = torch.compile(_next_token_logits, dynamic=False, options=options)
     return _compiled_steps[key]
+
+
+_graph_caches: OrderedDict[tuple, KVCache] = OrderedDict()  # CUDA-graph decoding reuses its caches (LRU)
+
+
+def _static_cache(model: Transformer, B: int, n_keys: int, dtype, device: torch.device) -> KVCache:
+    """A fixed-shape cache; on CUDA one kept across calls at a fixed address, as CUDA graphs need.
+
+    A CUDA graph replays the same memory addresses, so the graphed step may only write to buffers whose
+    address never changes (``mark_static_address``). Reusing the cache is safe: every slot a step can see has
+    been rewritten by this call's prefill or decode steps; the mask hides the rest.
+    """
+    if device.type != "cuda":
+        return model.new_cache(B, n_keys, dtype, static=True)
+    c = model.config
+    key = (id(model), c.n_layer, c.n_kv_head, c.head_dim, B, n_keys, dtype, str(device))
+    if key not in _graph_caches:
+        cache = model.new_cache(B, n_keys, dtype, static=True)
+        for t in (*cache.k, *cache.v, cache.pos):
+            torch._dynamo.mark_static_address(t)
+        _graph_caches[key] = cache
+        while len(_graph_caches) > 4:
+            _graph_caches.popitem(last=False)
+    _graph_caches.move_to_end(key)
+    return _graph_caches[key]
 
 
 def _check_compile(model: Transformer, compile: bool | str, use_cache: bool) -> None:
@@ -190,8 +217,12 @@ def _decode(
     # float32 keys/values on CPU whatever the weights' dtype: its bfloat16 attention kernel is several times
     # slower than the float32 one for a single query (benchmarks/BENCHMARKS.md, decoding)
     cache_dtype = torch.float32 if device.type == "cpu" else None
-    cache = model.new_cache(B, n_keys or total, cache_dtype, static=compile) if use_cache else None
-    step_logits = compiled_next_token_logits(frozen) if compile else _next_token_logits
+    cache = None
+    if compile:
+        cache = _static_cache(model, B, n_keys, cache_dtype, device)
+    elif use_cache:
+        cache = model.new_cache(B, total, cache_dtype)
+    step_logits = compiled_next_token_logits(frozen, device.type == "cuda") if compile else _next_token_logits
     if compile:
         cache.index = torch.arange(P, device=device)
     # prefill, eager: it runs once per call and its shape changes with the prompt length
@@ -281,10 +312,12 @@ def stream(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    compile: bool | str = False,
 ) -> Iterator[int]:
-    """Yield the new tokens of one prompt as they are decoded (the stop token included)."""
+    """Yield the new tokens of one prompt as they are decoded (the stop token included); ``compile`` as in
+    :func:`generate`."""
     for tok, was_live, _, _ in _decode(
-        model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_tokens, 0, generator, True
+        model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_tokens, 0, generator, True, compile
     ):
         if bool(was_live[0]):
             yield int(tok[0])
