@@ -217,3 +217,23 @@ def test_export_from_pretrained_import_round_trip(tmp_path, tokenizer, preset, t
         torch.testing.assert_close(back(x), want)
     assert back.config.diff(cfg) == {} and back_tok is not None and back_tok.to_str() == tokenizer.to_str()
     assert ("lm_head.weight" in {k for k, _ in hf.named_parameters()}) == (not tie)
+
+
+def test_export_replaces_files_atomically(tmp_path, monkeypatch):
+    """A failed export (here: disk full while writing the weights) leaves the previous export whole."""
+    import safetensors.torch
+
+    from lit_llm.backbone.hf import export_hf
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, n_layer=1, n_embd=32, n_head=4)
+    export_hf(Transformer(cfg), None, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(Transformer(cfg), None, tmp_path)  # other random weights
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files, nothing changed

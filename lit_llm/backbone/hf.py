@@ -585,7 +585,9 @@ def export_hf(
     Returns:
         The folder.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from lit_llm.checkpoint import atomic_save
 
     config = model.config
     kind = _resolve(config, arch)
@@ -609,12 +611,15 @@ def export_hf(
     tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
+    # each file atomically (temp file + rename): an interrupted export never leaves a truncated file that
+    # from_pretrained would choke on, and an existing export stays whole until its replacement is complete
+    atomic_save(tensors, out / "model.safetensors", lambda t, f: f.write(save(t, metadata={"format": "pt"})))
+    texts = {"config.json": json.dumps(values, indent=2) + "\n"}
     if tokenizer is not None:
-        (out / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
-        for name, text in tokenizer.hf_files().items():
-            (out / name).write_text(text, encoding="utf-8")
+        texts["tokenizer.json"] = tokenizer.to_str()
+        texts.update(tokenizer.hf_files())
+    for name, text in texts.items():
+        atomic_save(text, out / name, lambda t, f: f.write(t.encode("utf-8")))
     return out
 
 
