@@ -93,6 +93,16 @@ def test_text_packing_and_split(tmp_path):
     assert tok.decode(x.tolist()) == text[48:64] and torch.equal(x[1:], y[:-1])
     assert len(dm.train_set) == (900 + 1 - 1) // 16  # 900 chars + <|eos|>, windows of 17
     assert tok.decode(dm.val_set[0][0].tolist()) == text[900:916]
+    # the same text gzipped reads the same (a .txt.gz is plain text, not records)
+    import gzip
+
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    gz = TextDataModule(
+        str(tmp_path / "a.txt.gz"), tokenizer_kind="char", seq_len=16, cache_dir=str(tmp_path / "c")
+    )
+    gz.prepare_data()
+    gz.setup()
+    assert torch.equal(gz.train_set[3][0], x) and len(gz.train_set) == len(dm.train_set)
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ class TextDataModule(LightningDataModule):
     """Tokenized, cached, packed text for next-token pretraining.
 
     Args:
-        source: ``tinyworld`` (built in), a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file, or
+        source: ``tinyworld`` (built in), a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file (``.gz`` allowed), or
             ``hf:<dataset>[:<config>]`` (needs network the first time).
         tokenizer: An existing tokenizer (``tokenizer.json``, a folder or a lit_llm ``.ckpt``); when unset a
             new one is trained on the training text and cached.
@@ -111,7 +111,7 @@ class TextDataModule(LightningDataModule):
                 tinyworld.pretrain_text(self.tinyworld_docs, "train", world),
                 tinyworld.pretrain_text(n_val, "val", world),
             )
-        if self.source.endswith(".txt"):
+        if self.source.endswith((".txt", ".txt.gz")):
             text = read_text_file(Path(self.source))
             cut = int(len(text) * (1 - self.val_fraction))
             return [text[:cut]], [text[cut:]]
