@@ -114,7 +114,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", choices=["off", "on", "frozen"], default="off",
         help="torch.compile the decode step: the first call compiles (tens of seconds), so it pays off for "
-        "long outputs; 'frozen' also bakes the weights into the compiled code (faster on CPU in bf16)",
+        "long outputs; 'frozen' also bakes the weights into the compiled code (a CPU option)",
     )  # fmt: skip
 
 

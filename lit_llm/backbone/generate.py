@@ -286,8 +286,9 @@ def generate(
         compile: Run each decode step through ``torch.compile`` over a fixed-shape cache
             (:class:`~lit_llm.backbone.cache.StaticKVCache`): the first call per model, batch size and total
             length compiles (tens of seconds), later ones replay it. Worth it for long or repeated decoding.
-            ``"frozen"`` also freezes the weights into the compiled code (faster in bfloat16 on CPU; the
-            model's parameters must have ``requires_grad=False``, and changes to them are not seen later).
+            ``"frozen"`` also freezes the weights into the compiled code (a CPU option: it can help bfloat16
+            there, but was 3-4x slower than ``True`` on an H100; the model's parameters must have
+            ``requires_grad=False``, and changes to them are not seen later).
     """
     P = max(len(p) for p in prompts) if prompts else 0
     steps = _decode(
