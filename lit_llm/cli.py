@@ -77,16 +77,24 @@ class LitLLMCLI(LightningCLI):
 
 
 def run_lightning(args: Sequence[str] | None) -> LitLLMCLI:
-    return LitLLMCLI(
-        LightningModule,
-        LightningDataModule,
+    """LightningCLI on ``args`` (``None``: the command line)."""
+    kwargs = dict(
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         parser_kwargs={"description": DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
     )
+    if args is None:
+        return LitLLMCLI(LightningModule, LightningDataModule, **kwargs)
+    # explicit args (``lit-llm pipeline``, tests): hide this process's own command line, which LightningCLI
+    # would otherwise warn about ("args and command line")
+    saved = sys.argv
+    sys.argv = sys.argv[:1]
+    try:
+        return LitLLMCLI(LightningModule, LightningDataModule, args=list(args), **kwargs)
+    finally:
+        sys.argv = saved
 
 
 DESCRIPTION = """lit-llm: train and use a Llama-style LLM, stage by stage.
