@@ -82,11 +82,12 @@ class KVCache:
 class StaticKVCache(KVCache):
     """A KV cache whose shapes never change, for ``torch.compile``-d decoding.
 
-    The caller sets :attr:`index` (the cache slots the next forward pass writes, ``(T,)`` long) before each
-    forward pass, and passes explicit ``positions`` and a boolean mask over all ``max_len`` slots (empty and
-    future slots False). ``update`` writes with ``index_copy_`` and returns the whole buffers, and the model does not
-    advance :attr:`length`: nothing in a decode step depends on a Python integer that changes from step to
-    step, so a compiled step is traced once and replayed for every token.
+    Before each forward pass the caller sets :attr:`index` (the slots it writes, ``(T,)`` long) and
+    :attr:`visible` (how many leading slots attention reads, all of them by default), and passes explicit
+    ``positions`` and a boolean mask over the ``visible`` slots (empty and future slots False). ``update``
+    writes with ``index_copy_`` and returns the first ``visible`` slots, and the model does not advance
+    :attr:`length`: a decode step depends on no Python integer but ``visible``, so a compiled step is traced
+    once per ``visible`` value (callers round it up to a few buckets) and replayed for every token.
     """
 
     static = True
@@ -94,14 +95,15 @@ class StaticKVCache(KVCache):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.index = torch.zeros(0, dtype=torch.long, device=self.pos.device)
+        self.visible = self.max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v`` ``(B, n_kv_head, T, hd)`` at slots :attr:`index`; return the whole buffers."""
+        """Write ``k, v`` ``(B, n_kv_head, T, hd)`` at slots :attr:`index`; return the visible slots."""
         self.k[layer].index_copy_(2, self.index, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, self.index, v.to(self.v[layer].dtype))
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, : self.visible], self.v[layer][:, :, : self.visible]
 
     def update_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Write the positions ``(B, T)`` at slots :attr:`index`; return the positions of all slots."""
+        """Write the positions ``(B, T)`` at slots :attr:`index`; return the positions of the visible slots."""
         self.pos.index_copy_(1, self.index, positions)
-        return self.pos
+        return self.pos[:, : self.visible]

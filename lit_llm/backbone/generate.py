@@ -124,7 +124,9 @@ def _next_token_logits(
 
 
 _compiled_steps: dict[str, Callable] = {}
-STATIC_CACHE_BUCKET = 64  # compiled decoding sizes its cache in multiples of this many positions
+# compiled decoding sizes its cache, and the part of it each step attends over, in multiples of this many
+# positions: one trace per bucket, and no step reads more than 63 empty slots
+STATIC_CACHE_BUCKET = 64
 
 
 def compiled_next_token_logits(frozen: bool = False, cuda_graphs: bool = False) -> Callable:
@@ -170,6 +172,11 @@ def _static_cache(model: Transformer, B: int, n_keys: int, dtype, device: torch.
     return _graph_caches[key]
 
 
+def _bucket(n: int, limit: int) -> int:
+    """``n`` rounded up to a multiple of :data:`STATIC_CACHE_BUCKET`, at most ``limit``."""
+    return min(limit, -(-n // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
+
+
 def _check_compile(model: Transformer, compile: bool | str, use_cache: bool) -> None:
     if compile not in (False, True, "frozen"):
         raise ValueError(f"compile must be False, True or 'frozen', got {compile!r}")
@@ -212,7 +219,7 @@ def _decode(
     n_keys = None
     if compile:  # a static cache attends over all its slots, empty ones masked; round its length up so that
         # calls with other prompt lengths reuse the same compiled step
-        n_keys = -(-total // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        n_keys = _bucket(total, total + STATIC_CACHE_BUCKET)
         valid = torch.cat([valid, torch.zeros((B, n_keys - total), dtype=torch.bool, device=device)], 1)
     # float32 keys/values on CPU whatever the weights' dtype: its bfloat16 attention kernel is several times
     # slower than the float32 one for a single query (benchmarks/BENCHMARKS.md, decoding)
@@ -226,8 +233,14 @@ def _decode(
     if compile:
         cache.index = torch.arange(P, device=device)
     # prefill, eager: it runs once per call and its shape changes with the prompt length
+    if compile:
+        cache.visible = _bucket(P, n_keys)
     logits = _next_token_logits(
-        model, ids[:, :P], positions[:, :P], attention_mask(valid, 0, P, n_keys), cache
+        model,
+        ids[:, :P],
+        positions[:, :P],
+        attention_mask(valid, 0, P, cache.visible if compile else None),
+        cache,
     )
     if compile:
         cache.index = torch.zeros(1, dtype=torch.long, device=device)
@@ -251,7 +264,8 @@ def _decode(
             continue
         if compile:
             cache.index.fill_(t)
-        mask = attention_mask(valid, t, 1, n_keys)
+            cache.visible = _bucket(t + 1, n_keys)  # attend over the filled slots, rounded up to a bucket
+        mask = attention_mask(valid, t, 1, cache.visible if compile else None)
         # fresh (B, 1) tensors rather than views into ids/positions: a compiled step sees the same layout
         logits = step_logits(model, tok[:, None], positions[:, t : t + 1].clone(), mask, cache)
 
