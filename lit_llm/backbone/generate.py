@@ -216,34 +216,27 @@ def _decode(
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ...
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     live = torch.ones(B, dtype=torch.bool, device=device)
-    n_keys = None
-    if compile:  # a static cache attends over all its slots, empty ones masked; round its length up so that
-        # calls with other prompt lengths reuse the same compiled step
-        n_keys = _bucket(total, total + STATIC_CACHE_BUCKET)
-        valid = torch.cat([valid, torch.zeros((B, n_keys - total), dtype=torch.bool, device=device)], 1)
     # float32 keys/values on CPU whatever the weights' dtype: its bfloat16 attention kernel is several times
     # slower than the float32 one for a single query (benchmarks/BENCHMARKS.md, decoding)
     cache_dtype = torch.float32 if device.type == "cpu" else None
-    cache = None
     if compile:
+        # a fixed-shape cache whose length is rounded up to a bucket, so that other prompt lengths reuse the
+        # compiled steps; each step attends over the filled slots, also rounded up (StaticKVCache.visible)
+        n_keys = _bucket(total, total + STATIC_CACHE_BUCKET)
+        valid = torch.cat([valid, torch.zeros((B, n_keys - total), dtype=torch.bool, device=device)], 1)
         cache = _static_cache(model, B, n_keys, cache_dtype, device)
-    elif use_cache:
-        cache = model.new_cache(B, total, cache_dtype)
-    step_logits = compiled_next_token_logits(frozen, device.type == "cuda") if compile else _next_token_logits
-    if compile:
-        cache.index = torch.arange(P, device=device)
+        cache.index, cache.visible = torch.arange(P, device=device), _bucket(P, n_keys)
+        step_logits = compiled_next_token_logits(frozen, device.type == "cuda")
+    else:
+        cache = model.new_cache(B, total, cache_dtype) if use_cache else None
+        step_logits = _next_token_logits
     # prefill, eager: it runs once per call and its shape changes with the prompt length
-    if compile:
-        cache.visible = _bucket(P, n_keys)
+    n_visible = cache.visible if compile else None
     logits = _next_token_logits(
-        model,
-        ids[:, :P],
-        positions[:, :P],
-        attention_mask(valid, 0, P, cache.visible if compile else None),
-        cache,
+        model, ids[:, :P], positions[:, :P], attention_mask(valid, 0, P, n_visible), cache
     )
     if compile:
-        cache.index = torch.zeros(1, dtype=torch.long, device=device)
+        cache.index = torch.zeros(1, dtype=torch.long, device=device)  # one slot per step from now on
     for step in range(max_new_tokens):
         t = P + step
         tok = sample(logits, temperature, top_k, top_p, generator)
@@ -264,8 +257,8 @@ def _decode(
             continue
         if compile:
             cache.index.fill_(t)
-            cache.visible = _bucket(t + 1, n_keys)  # attend over the filled slots, rounded up to a bucket
-        mask = attention_mask(valid, t, 1, cache.visible if compile else None)
+            cache.visible = n_visible = _bucket(t + 1, n_keys)
+        mask = attention_mask(valid, t, 1, n_visible)
         # fresh (B, 1) tensors rather than views into ids/positions: a compiled step sees the same layout
         logits = step_logits(model, tok[:, None], positions[:, t : t + 1].clone(), mask, cache)
 
