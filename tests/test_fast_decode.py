@@ -110,3 +110,21 @@ def test_quantized_model_stays_close_and_decodes():
     out = generate(qmodel, x[:4].tolist(), 6).responses
     assert out.shape == (4, 6)
     assert (out[:, 0] == generate(model, x[:4].tolist(), 1).responses[:, 0]).float().mean() >= 0.75
+
+
+def test_overlapping_decodes_never_share_a_graph_cache():
+    """CUDA-graph decoding keeps caches across calls; two decodes alive at once (two stream iterators)
+    must get different caches, and a finished decode's cache is reused by the next one."""
+    import lit_llm.backbone.generate as gen
+
+    model = Transformer(tiny()).eval()
+    cuda = torch.device("cuda")  # selects the pooled path; the buffers stay on the model's device
+    gen._graph_caches.clear()
+    first, key = gen._static_cache(model, 2, 64, torch.float32, cuda)
+    second, key2 = gen._static_cache(model, 2, 64, torch.float32, cuda)
+    assert key == key2 and second is not first  # the first is in use: not handed out twice
+    gen._release_cache(key, first)
+    gen._release_cache(key2, second)
+    third, _ = gen._static_cache(model, 2, 64, torch.float32, cuda)
+    assert third is first or third is second  # idle caches are reused
+    gen._graph_caches.clear()

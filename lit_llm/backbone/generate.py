@@ -147,29 +147,38 @@ def compiled_next_token_logits(frozen: bool = False, cuda_graphs: bool = False) 
     return _compiled_steps[key]
 
 
-_graph_caches: OrderedDict[tuple, KVCache] = OrderedDict()  # CUDA-graph decoding reuses its caches (LRU)
+_graph_caches: OrderedDict[tuple, KVCache] = OrderedDict()  # idle CUDA-graph caches, reused (LRU of 4)
 
 
-def _static_cache(model: Transformer, B: int, n_keys: int, dtype, device: torch.device) -> KVCache:
-    """A fixed-shape cache; on CUDA one kept across calls at a fixed address, as CUDA graphs need.
+def _static_cache(model: Transformer, B: int, n_keys: int, dtype, device: torch.device):
+    """``(cache, pool_key)``: a fixed-shape cache; on CUDA one kept across calls at a fixed address.
 
     A CUDA graph replays the same memory addresses, so the graphed step may only write to buffers whose
-    address never changes (``mark_static_address``). Reusing the cache is safe: every slot a step can see has
-    been rewritten by this call's prefill or decode steps; the mask hides the rest.
+    address never changes (``mark_static_address``), and each new cache costs a new graph. A decode takes its
+    cache out of the pool while it runs and gives it back when it ends (:func:`_release_cache`), so decodes
+    that overlap (two ``stream`` iterators) never share one. Reusing an idle cache is safe: every slot a step
+    can see has been rewritten by this decode's prefill or steps; the mask hides the rest.
     """
     if device.type != "cuda":
-        return model.new_cache(B, n_keys, dtype, static=True)
+        return model.new_cache(B, n_keys, dtype, static=True), None
     c = model.config
     key = (id(model), c.n_layer, c.n_kv_head, c.head_dim, B, n_keys, dtype, str(device))
-    if key not in _graph_caches:
+    cache = _graph_caches.pop(key, None)
+    if cache is None:
         cache = model.new_cache(B, n_keys, dtype, static=True)
         for t in (*cache.k, *cache.v, cache.pos):
             torch._dynamo.mark_static_address(t)
-        _graph_caches[key] = cache
-        while len(_graph_caches) > 4:
-            _graph_caches.popitem(last=False)
+    return cache, key
+
+
+def _release_cache(key: tuple | None, cache: KVCache) -> None:
+    """Give a CUDA-graph cache back to the pool when its decode ends."""
+    if key is None:
+        return
+    _graph_caches[key] = cache
     _graph_caches.move_to_end(key)
-    return _graph_caches[key]
+    while len(_graph_caches) > 4:
+        _graph_caches.popitem(last=False)
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -224,43 +233,46 @@ def _decode(
         # compiled steps; each step attends over the filled slots, also rounded up (StaticKVCache.visible)
         n_keys = _bucket(total, total + STATIC_CACHE_BUCKET)
         valid = torch.cat([valid, torch.zeros((B, n_keys - total), dtype=torch.bool, device=device)], 1)
-        cache = _static_cache(model, B, n_keys, cache_dtype, device)
+        cache, pool_key = _static_cache(model, B, n_keys, cache_dtype, device)
         cache.index, cache.visible = torch.arange(P, device=device), _bucket(P, n_keys)
         step_logits = compiled_next_token_logits(frozen, device.type == "cuda")
     else:
-        cache = model.new_cache(B, total, cache_dtype) if use_cache else None
+        cache, pool_key = (model.new_cache(B, total, cache_dtype) if use_cache else None), None
         step_logits = _next_token_logits
-    # prefill, eager: it runs once per call and its shape changes with the prompt length
-    n_visible = cache.visible if compile else None
-    logits = _next_token_logits(
-        model, ids[:, :P], positions[:, :P], attention_mask(valid, 0, P, n_visible), cache
-    )
-    if compile:
-        cache.index = torch.zeros(1, dtype=torch.long, device=device)  # one slot per step from now on
-    for step in range(max_new_tokens):
-        t = P + step
-        tok = sample(logits, temperature, top_k, top_p, generator)
-        tok = torch.where(live, tok, torch.full_like(tok, pad_id))
-        ids[:, t] = tok
-        valid[:, t] = live
-        positions[:, t] = positions[:, t - 1] + 1
-        was_live = live.clone()
-        if stops.numel():
-            live = live & ~torch.isin(tok, stops)
-        yield tok, was_live, ids[:, : t + 1], valid[:, : t + 1]
-        if not bool(live.any()) or step == max_new_tokens - 1:
-            return
-        if cache is None:  # recompute the whole sequence
-            logits = _next_token_logits(
-                model, ids[:, : t + 1], positions[:, : t + 1], attention_mask(valid, 0, t + 1), None
-            )
-            continue
+    try:
+        # prefill, eager: it runs once per call and its shape changes with the prompt length
+        n_visible = cache.visible if compile else None
+        logits = _next_token_logits(
+            model, ids[:, :P], positions[:, :P], attention_mask(valid, 0, P, n_visible), cache
+        )
         if compile:
-            cache.index.fill_(t)
-            cache.visible = n_visible = _bucket(t + 1, n_keys)
-        mask = attention_mask(valid, t, 1, n_visible)
-        # fresh (B, 1) tensors rather than views into ids/positions: a compiled step sees the same layout
-        logits = step_logits(model, tok[:, None], positions[:, t : t + 1].clone(), mask, cache)
+            cache.index = torch.zeros(1, dtype=torch.long, device=device)  # one slot per step from now on
+        for step in range(max_new_tokens):
+            t = P + step
+            tok = sample(logits, temperature, top_k, top_p, generator)
+            tok = torch.where(live, tok, torch.full_like(tok, pad_id))
+            ids[:, t] = tok
+            valid[:, t] = live
+            positions[:, t] = positions[:, t - 1] + 1
+            was_live = live.clone()
+            if stops.numel():
+                live = live & ~torch.isin(tok, stops)
+            yield tok, was_live, ids[:, : t + 1], valid[:, : t + 1]
+            if not bool(live.any()) or step == max_new_tokens - 1:
+                return
+            if cache is None:  # recompute the whole sequence
+                logits = _next_token_logits(
+                    model, ids[:, : t + 1], positions[:, : t + 1], attention_mask(valid, 0, t + 1), None
+                )
+                continue
+            if compile:
+                cache.index.fill_(t)
+                cache.visible = n_visible = _bucket(t + 1, n_keys)
+            mask = attention_mask(valid, t, 1, n_visible)
+            # fresh (B, 1) tensors rather than views into ids/positions: a compiled step sees the same layout
+            logits = step_logits(model, tok[:, None], positions[:, t : t + 1].clone(), mask, cache)
+    finally:  # also when the caller stops iterating early
+        _release_cache(pool_key, cache)
 
 
 @torch.inference_mode()
