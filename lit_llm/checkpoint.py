@@ -97,22 +97,36 @@ def atomic_save(obj: Any, path: str | os.PathLike, save: Callable[[Any, Any], No
     the write never leaves a truncated checkpoint behind. A full disk raises ``OSError(ENOSPC)`` naming the
     file; other write errors are re-raised with the file name added.
     """
-    save = save or torch.save
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name next to the target (same file system, so the rename is atomic); mode 0o666 & ~umask, as
-    # for any new file (tempfile.mkstemp would make it private to this user)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    atomic_save_many([(obj, path, save)])
+
+
+def atomic_save_many(items: list[tuple[Any, str | os.PathLike, Callable[[Any, Any], None] | None]]) -> None:
+    """:func:`atomic_save` for several files that belong together (an exported model folder).
+
+    Every file is first written in full to a temp file next to its target; only when all of them are written
+    are they renamed into place. A full disk or another write error therefore leaves every target as it was
+    (the renames themselves do not allocate space).
+    """
+    staged: list[tuple[Path, Path]] = []
+    path = Path(items[0][1]) if items else Path()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
-            save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for obj, target, save in items:
+            save = save or torch.save
+            path = Path(target)  # the file being written, named by any error below
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # a unique name next to the target (same file system, so the rename is atomic); mode
+            # 0o666 & ~umask, as for any new file (tempfile.mkstemp would make it private to this user)
+            tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             kept = "the previous checkpoint there is untouched" if path.exists() else "nothing was written"
             raise OSError(
@@ -126,7 +140,10 @@ def atomic_save(obj: Any, path: str | os.PathLike, save: Callable[[Any, Any], No
                 err.errno, f"could not write checkpoint {path}: {err.strerror or err}", str(path)
             ) from err
         raise
-    _fsync_dir(path.parent)
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for folder in {path.parent for _, path in staged}:
+        _fsync_dir(folder)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

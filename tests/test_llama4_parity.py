@@ -237,3 +237,20 @@ def test_export_replaces_files_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_hf(Transformer(cfg), None, tmp_path)  # other random weights
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files, nothing changed
+    monkeypatch.undo()
+    # a failure at a later file (config.json, after the weights were written in full) must not leave new
+    # weights beside the old config either: every file is staged before any is replaced
+    import os
+
+    real_fsync, synced = os.fsync, []
+
+    def fsync_then_disk_full(fd):
+        synced.append(fd)
+        if len(synced) == 2:  # the second staged file
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_then_disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(Transformer(cfg), None, tmp_path)
+    assert len(synced) == 2 and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

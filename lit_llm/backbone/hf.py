@@ -587,7 +587,7 @@ def export_hf(
     """
     from safetensors.torch import save
 
-    from lit_llm.checkpoint import atomic_save
+    from lit_llm.checkpoint import atomic_save_many
 
     config = model.config
     kind = _resolve(config, arch)
@@ -611,15 +611,15 @@ def export_hf(
     tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # each file atomically (temp file + rename): an interrupted export never leaves a truncated file that
-    # from_pretrained would choke on, and an existing export stays whole until its replacement is complete
-    atomic_save(tensors, out / "model.safetensors", lambda t, f: f.write(save(t, metadata={"format": "pt"})))
     texts = {"config.json": json.dumps(values, indent=2) + "\n"}
     if tokenizer is not None:
         texts["tokenizer.json"] = tokenizer.to_str()
         texts.update(tokenizer.hf_files())
-    for name, text in texts.items():
-        atomic_save(text, out / name, lambda t, f: f.write(t.encode("utf-8")))
+    # all files written to temp files first, then renamed into place: an interrupted or failed export never
+    # leaves a truncated file, nor new weights beside an old config, and an existing export stays whole
+    items = [(tensors, out / "model.safetensors", lambda t, f: f.write(save(t, metadata={"format": "pt"})))]
+    items += [(text, out / name, lambda t, f: f.write(t.encode("utf-8"))) for name, text in texts.items()]
+    atomic_save_many(items)
     return out
 
 
