@@ -65,6 +65,10 @@ def test_compiled_generation_equals_eager(monkeypatch):
         compiled = generate(model, prompts, 10, stop_tokens=[7], compile=True)
         assert torch.equal(compiled.sequences, eager.sequences)
         assert torch.equal(compiled.valid, eager.valid)
+    # weights frozen into the compiled code (float32: the same tokens again)
+    frozen_model = copy.deepcopy(model).requires_grad_(False)
+    frozen = generate(frozen_model, prompts, 10, stop_tokens=[7], compile="frozen")
+    assert torch.equal(frozen.sequences, generate(frozen_model, prompts, 10, stop_tokens=[7]).sequences)
 
 
 def test_quantize_weight_is_symmetric_per_row_rounding():
