@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=400, help="held-out pairs to score (val split)")
     p.add_argument("--seed", type=int, default=0, help="tinyworld seed (the data module's default is 0)")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument(
+        "--reply-prefix", default="",
+        help="text put before every reply (e.g. ' ' for a reward model trained on space-prefixed replies)",
+    )  # fmt: skip
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
     rm, tok = RewardModel.load(args.ckpt)
@@ -56,8 +60,8 @@ def main(argv=None) -> int:
         for i in range(0, len(pairs), args.batch):
             batch = pairs[i : i + args.batch]
             prompts = [q["prompt"] for q in batch]
-            chosen = rm.score(tok, prompts, [q["chosen"] for q in batch])
-            rejected = rm.score(tok, prompts, [q["rejected"] for q in batch])
+            chosen = rm.score(tok, prompts, [args.reply_prefix + q["chosen"] for q in batch])
+            rejected = rm.score(tok, prompts, [args.reply_prefix + q["rejected"] for q in batch])
             for q, c, r in zip(batch, chosen.tolist(), rejected.tolist()):
                 margins.append(c - r)
                 for key in (
