@@ -27,18 +27,14 @@ def test_every_config_parses(config, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
+# a one-layer model on 200 short tinyworld documents: enough for the CLI to fit, validate and export
+SMALL = ["--data.tinyworld_docs", "200", "--data.seq_len", "64", "--model.model_overrides", "{n_layer: 1}"]
+
+
 def test_fit_validate_generate(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cfg = str(ROOT / "configs/pretrain/tiny.yaml")
-    small = [
-        "--data.tinyworld_docs",
-        "200",
-        "--data.seq_len",
-        "64",
-        "--model.model_overrides",
-        "{n_layer: 1}",
-    ]
-    main(["fit", "--config", cfg, *FAST, *small])
+    main(["fit", "--config", cfg, *FAST, *SMALL])
     ckpt = tmp_path / "checkpoints/pretrain/last.ckpt"
     meta = read_meta(ckpt)
     assert meta["stage"] == "pretrain" and meta["model_config"]["n_layer"] == 1
@@ -46,7 +42,7 @@ def test_fit_validate_generate(tmp_path, monkeypatch, capsys):
         meta["model_config"]["vocab_size"]
         == TextDataModule(tinyworld_docs=200, seq_len=64, cache_dir="data_cache").vocab_size
     )
-    main(["validate", "--config", cfg, *FAST, *small, "--ckpt_path", str(ckpt)])
+    main(["validate", "--config", cfg, *FAST, *SMALL, "--ckpt_path", str(ckpt)])
     assert "val/loss" in capsys.readouterr().out
     main(["generate", "--ckpt", str(ckpt), "--prompt", "Alice is", "--max_new_tokens", "5"])
     exact = capsys.readouterr().out
@@ -137,15 +133,7 @@ def test_export_then_start_a_stage_from_the_hf_folder(tmp_path, monkeypatch, cap
     transformers = pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)
     cfg = str(ROOT / "configs/pretrain/tiny.yaml")
-    small = [
-        "--data.tinyworld_docs",
-        "200",
-        "--data.seq_len",
-        "64",
-        "--model.model_overrides",
-        "{n_layer: 1}",
-    ]
-    main(["fit", "--config", cfg, *FAST, *small])
+    main(["fit", "--config", cfg, *FAST, *SMALL])
     main(["export", "--ckpt", "checkpoints/pretrain/last.ckpt", "--out", "hf"])
     assert "exported to" in capsys.readouterr().out
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
