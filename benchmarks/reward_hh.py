@@ -6,12 +6,15 @@ model's validation), then the Bradley-Terry reward model is trained on the train
 accuracy measured on the held-out pairs.
 
     python benchmarks/reward_hh.py --data ../shared/data/hh-rlhf-harmless-test.jsonl.gz
+    # the same pretrained backbone, the reward model with the auxiliary next-token loss on chosen replies
+    python benchmarks/reward_hh.py --workdir W --reuse --reward_args "--model.lm_coef 1.0"
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -27,6 +30,8 @@ def main() -> None:
     p.add_argument("--pretrain_steps", type=int, default=300)
     p.add_argument("--reward_steps", type=int, default=300)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--reuse", action="store_true", help="reuse the workdir's pretrained backbone")
+    p.add_argument("--reward_args", default="", help="extra arguments for the reward-model run")
     a = p.parse_args()
     if not Path(a.data).is_file():
         sys.exit(f"skipped: {a.data} not found")
@@ -37,26 +42,29 @@ def main() -> None:
     os.chdir(work)  # the configs write checkpoints/ and data_cache/ relative to the working directory
     common = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     t0 = time.perf_counter()
-    run_lightning([
-        "fit", "--config", str(root / "pretrain/tiny.yaml"), *common, "--model.preset", a.preset,
-        "--data.source", data, "--data.text_field", "chosen", "--data.tokenizer_vocab_size", "8192",
-        "--data.seq_len", "256", "--data.batch_size", "16",
-        "--trainer.max_steps", str(a.pretrain_steps), "--trainer.val_check_interval", str(a.pretrain_steps),
-        "--trainer.limit_val_batches", "20", "--model.sample_prompts", "['How do I']",
-    ])  # fmt: skip
+    if not (a.reuse and Path("checkpoints/pretrain/last.ckpt").is_file()):
+        run_lightning([
+            "fit", "--config", str(root / "pretrain/tiny.yaml"), *common, "--model.preset", a.preset,
+            "--data.source", data, "--data.text_field", "chosen", "--data.tokenizer_vocab_size", "8192",
+            "--data.seq_len", "256", "--data.batch_size", "16",
+            "--trainer.max_steps", str(a.pretrain_steps), "--trainer.val_check_interval", str(a.pretrain_steps),
+            "--trainer.limit_val_batches", "20", "--model.sample_prompts", "['How do I']",
+        ])  # fmt: skip
     t1 = time.perf_counter()
     cli = run_lightning([
         "fit", "--config", str(root / "reward/hh-rlhf.yaml"), *common,
         "--model.init_from", "checkpoints/pretrain/last.ckpt", "--data.source", data,
         "--trainer.max_steps", str(a.reward_steps), "--trainer.val_check_interval", str(a.reward_steps),
+        *shlex.split(a.reward_args),
     ])  # fmt: skip
     t2 = time.perf_counter()
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(
-        "\n| preset | pretrain steps | reward steps | held-out pairwise accuracy | minutes (pretrain + reward) |"
+        "\n| preset | pretrain steps | reward steps | reward args | held-out pairwise accuracy |"
+        " minutes (pretrain + reward) |"
     )
-    print("|---|---|---|---|---|")
-    print(f"| {a.preset} | {a.pretrain_steps} | {a.reward_steps} | {100 * acc:.1f}% | "
+    print("|---|---|---|---|---|---|")
+    print(f"| {a.preset} | {a.pretrain_steps} | {a.reward_steps} | {a.reward_args or '-'} | {100 * acc:.1f}% | "
           f"{(t1 - t0) / 60:.1f} + {(t2 - t1) / 60:.1f} |")  # fmt: skip
 
 

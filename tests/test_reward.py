@@ -10,9 +10,11 @@ import torch
 from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.backbone.heads import ScalarHeadModel
 from lit_llm.cli import main
-from lit_llm.data.preference import split_pair
+from lit_llm.data.preference import collate_pairs, render_pair, split_pair
+from lit_llm.data.sft import IGNORE, tokenize_conversation
 from lit_llm.rl import last_token_index
-from lit_llm.stages.reward import RewardModel, bradley_terry_loss
+from lit_llm.stages.base import load_backbone
+from lit_llm.stages.reward import RewardModel, RewardModule, bradley_terry_loss
 
 from .conftest import QUIET, ROOT
 
@@ -77,3 +79,60 @@ def test_reward_model_learns_tinyworld_preferences(sft_ckpt, tmp_path, monkeypat
     good = rm.score(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     bad = rm.score(tok, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
     assert (good > bad).float().mean() > 0.6
+
+
+def _pair_batch(tok, prompts, chosen, rejected, max_len=128):
+    pairs = []
+    for p, c, r in zip(prompts, chosen, rejected):
+        msgs = [{"role": "user", "content": p}]
+        c_ids, c_mask, _ = render_pair(tok, msgs, c, max_len)
+        pairs.append((c_ids, render_pair(tok, msgs, r, max_len)[0], c_mask))
+    return collate_pairs(pairs, tok.pad_id)
+
+
+def test_chosen_labels_are_the_sft_labels_of_the_chosen_reply(sft_ckpt):
+    _, tok, _ = load_backbone(str(sft_ckpt))
+    prompts, chosen = ["Where is Bob?", "How many cats does Eve have?"], ["Bob is in the park.", "3"]
+    batch = _pair_batch(tok, prompts, chosen, ["No idea at all, sorry.", "Eve has cats."])
+    for i, (p, c) in enumerate(zip(prompts, chosen)):
+        _, want = tokenize_conversation(
+            tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+        )
+        got = batch["chosen_labels"][i].tolist()
+        assert got[: len(want)] == want and set(got[len(want) :]) <= {IGNORE}
+        # exactly the reply's tokens and its <|end|> are labelled
+        assert [t for t in got if t != IGNORE] == [*tok.encode(c), tok.end_id]
+    # a pair cut to its last tokens keeps the labels of what is left
+    c_ids, c_mask, cut = render_pair(tok, [{"role": "user", "content": "x " * 50}], "Bob is in the park.", 16)
+    assert (
+        cut and len(c_ids) == len(c_mask) == 16 and sum(c_mask) == len(tok.encode("Bob is in the park.")) + 1
+    )
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_lm_coef_adds_the_next_token_loss_of_the_chosen_reply(sft_ckpt):
+    from lit_llm.data import tinyworld
+
+    torch.manual_seed(0)
+    pairs = tinyworld.preference_pairs(6, "val")
+    pure = RewardModule(init_from=str(sft_ckpt)).eval()
+    mixed = RewardModule(init_from=str(sft_ckpt), lm_coef=0.5).eval()
+    mixed.load_state_dict(pure.state_dict())
+    tok = pure.tokenizer
+    batch = _pair_batch(tok, *([p[k] for p in pairs] for k in ("prompt", "chosen", "rejected")))
+    with torch.no_grad():
+        bt, total = pure._step(batch, "val"), mixed._step(batch, "val")
+        # by hand: full-vocabulary logits of the plain LM forward on each chosen conversation alone,
+        # cross-entropy of each reply token (and <|end|>) given everything before it
+        nll, n = 0.0, 0
+        for p in pairs:
+            ids, mask = tok.render_chat(
+                [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]
+            )
+            logp = pure.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+            for t in range(1, len(ids)):
+                if mask[t]:
+                    nll, n = nll - logp[t - 1, ids[t]].item(), n + 1
+    assert total.item() == pytest.approx(bt.item() + 0.5 * nll / n, rel=1e-4)
+    with pytest.raises(ValueError, match="lm_coef"):
+        RewardModule(init_from=str(sft_ckpt), lm_coef=-1.0)

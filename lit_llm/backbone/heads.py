@@ -39,15 +39,21 @@ class ScalarHeadModel(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1 / (backbone.config.n_embd + 1) ** 0.5)
         nn.init.zeros_(self.value_head.bias)
 
+    def hidden(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states ``(B, T, C)``; ``valid`` ``(B, T)`` marks real tokens (any padding side)."""
+        if valid is None:
+            return self.model.hidden(idx)
+        return self.model.hidden(idx, positions_from_valid(valid), padding_mask(valid))
+
     def values(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """A scalar per token ``(B, T)``; ``valid`` ``(B, T)`` marks real tokens (any padding side)."""
-        if valid is None:
-            hidden = self.model.hidden(idx)
-        else:
-            hidden = self.model.hidden(idx, positions_from_valid(valid), padding_mask(valid))
-        return self.value_head(hidden).squeeze(-1).float()  # (B, T)
+        return self.value_head(self.hidden(idx, valid)).squeeze(-1).float()  # (B, T)
+
+    def pool(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Sequence scores ``(B,)`` from hidden states ``(B, T, C)``, read at each row's last real token."""
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(valid)]  # (B, C)
+        return self.value_head(last).squeeze(-1).float()
 
     def forward(self, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Sequence scores ``(B,)`` read at each row's last real token."""
-        v = self.values(idx, valid)
-        return v.gather(1, last_token_index(valid)[:, None]).squeeze(1)
+        return self.pool(self.hidden(idx, valid), valid)

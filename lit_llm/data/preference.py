@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader
 
 from lit_llm.data import tinyworld
 from lit_llm.data.formats import Message, RecordError, parse_hh
-from lit_llm.data.sft import SFTDataModule
+from lit_llm.data.sft import IGNORE, SFTDataModule
 from lit_llm.tokenizer import Tokenizer
 
-Pair = tuple[list[int], list[int]]
+Pair = tuple[list[int], list[int], list[bool]]  # chosen ids, rejected ids, chosen's trained-on mask
 
 
 def split_pair(record: dict[str, Any]) -> tuple[list[Message], str, str]:
@@ -35,22 +35,34 @@ def split_pair(record: dict[str, Any]) -> tuple[list[Message], str, str]:
     return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
 
-def render_pair(tok: Tokenizer, prompt: list[Message], response: str, max_len: int) -> tuple[list[int], bool]:
-    """Chat-template ids of prompt + response, cut to the last ``max_len`` tokens; and whether it was cut."""
-    ids, _ = tok.render_chat([*prompt, {"role": "assistant", "content": response}])
-    return (ids[-max_len:], True) if len(ids) > max_len else (ids, False)
+def render_pair(
+    tok: Tokenizer, prompt: list[Message], response: str, max_len: int
+) -> tuple[list[int], list[bool], bool]:
+    """Chat-template ids of prompt + response and, per token, whether SFT would train on it (assistant
+    text and its ``<|end|>``), both cut to the last ``max_len`` tokens; and whether they were cut."""
+    ids, mask = tok.render_chat([*prompt, {"role": "assistant", "content": response}])
+    cut = len(ids) > max_len
+    return ids[-max_len:], mask[-max_len:], cut
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, right-padded: ``input_ids``, ``valid`` ``(2B, T)``."""
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    """Chosen rows then rejected rows, right-padded.
+
+    Returns:
+        ``input_ids`` and ``valid`` ``(2B, T)``; ``chosen_labels`` ``(B, T)``: the next token of each chosen
+        row where it is an assistant token (the SFT labels of the chosen reply), ``-100`` elsewhere.
+    """
+    seqs = [c for c, _, _ in pairs] + [r for _, r, _ in pairs]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     valid = torch.zeros((len(seqs), T), dtype=torch.bool)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         valid[i, : len(s)] = True
-    return {"input_ids": ids, "valid": valid}
+    labels = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
+    for i, (c, _, mask) in enumerate(pairs):
+        labels[i, : len(c) - 1] = torch.tensor([t if m else IGNORE for t, m in zip(c[1:], mask[1:])])
+    return {"input_ids": ids, "valid": valid, "chosen_labels": labels}
 
 
 class PreferenceDataModule(SFTDataModule):
@@ -107,10 +119,10 @@ class PreferenceDataModule(SFTDataModule):
             if chosen.strip() == rejected.strip():
                 identical += 1
                 continue
-            c, cut_c = render_pair(tok, prompt, chosen, self.seq_len)
-            r, cut_r = render_pair(tok, prompt, rejected, self.seq_len)
+            c, c_mask, cut_c = render_pair(tok, prompt, chosen, self.seq_len)
+            r, _, cut_r = render_pair(tok, prompt, rejected, self.seq_len)
             cut += cut_c or cut_r
-            out.append((c, r))
+            out.append((c, r, c_mask))
         self.stats[f"{split}_identical_dropped"] = identical
         self.stats[f"{split}_truncated"] = cut
         if not out:

@@ -12,6 +12,7 @@ from lit_llm.backbone.heads import ScalarHeadModel
 from lit_llm.checkpoint import load_checkpoint
 from lit_llm.data.preference import collate_pairs, render_pair
 from lit_llm.stages.base import Stage, load_backbone
+from lit_llm.stages.sft import masked_lm_loss
 from lit_llm.tokenizer import Tokenizer
 
 
@@ -51,11 +52,11 @@ class RewardModel(ScalarHeadModel):
         """Rewards ``(N,)`` of (prompt, response) pairs, rendered with the chat template."""
         max_len = max_len or self.model.config.block_size
         seqs = [
-            render_pair(tok, [{"role": "user", "content": p}], r, max_len)[0]
+            render_pair(tok, [{"role": "user", "content": p}], r, max_len)[:2]
             for p, r in zip(prompts, responses)
         ]
         device = self.value_head.weight.device
-        batch = collate_pairs([(s, s) for s in seqs], tok.pad_id)  # reuse the pair collate: first half
+        batch = collate_pairs([(s, s, m) for s, m in seqs], tok.pad_id)  # reuse the pair collate: first half
         n = len(seqs)
         return self(batch["input_ids"][:n].to(device), batch["valid"][:n].to(device))
 
@@ -63,38 +64,57 @@ class RewardModel(ScalarHeadModel):
 class RewardModule(Stage):
     """Bradley-Terry reward model from an SFT checkpoint (``init_from``).
 
+    The objective is the Bradley-Terry loss, plus ``lm_coef`` times the SFT loss on the chosen replies: the
+    backbone keeps predicting good replies, as in GRM (Yang et al., 2024, "Regularizing Hidden States Enables
+    Learning Generalizable Reward Model for LLMs"). That term is also what lets a small reward model learn a
+    preference the pairwise loss alone cannot start on, where chosen and rejected differ only in how the
+    reply relates to the prompt (tinyworld: a true fact about the wrong person); benchmarks/BENCHMARKS.md
+    has the figures.
+
     Args:
         margin: Required score gap in the loss (0 = plain Bradley-Terry).
         center_coef: Weight of the reward-centering term.
+        lm_coef: Weight of the next-token loss on the chosen replies (0 = pure Bradley-Terry).
         (all other arguments: see ``Stage``)
     """
 
     stage_name = "reward"
 
-    def __init__(self, *args, margin: float = 0.0, center_coef: float = 0.01, **kwargs) -> None:
+    def __init__(
+        self, *args, margin: float = 0.0, center_coef: float = 0.01, lm_coef: float = 0.0, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         if self.hparams.init_from is None:
             raise ValueError(
                 "the reward model starts from an SFT model: set --model.init_from path/to/sft.ckpt"
             )
-        self.margin, self.center_coef = margin, center_coef
+        if lm_coef < 0:
+            raise ValueError(f"lm_coef must be >= 0, got {lm_coef}")
+        self.margin, self.center_coef, self.lm_coef = margin, center_coef, lm_coef
         self.scorer = ScalarHeadModel(self.model)
         self.value_head = self.scorer.value_head
         self.val_acc = BinaryAccuracy()
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        scores = self.scorer(batch["input_ids"], batch["valid"])  # (2B,)
+        hidden = self.scorer.hidden(batch["input_ids"], batch["valid"])  # (2B, T, C)
+        scores = self.scorer.pool(hidden, batch["valid"])  # (2B,)
         rc, rr = scores.chunk(2)
         loss = bradley_terry_loss(rc, rr, self.margin, self.center_coef)
         on_step = stage == "train"
-        log = dict(on_step=on_step, on_epoch=not on_step)
+        log = dict(on_step=on_step, on_epoch=not on_step, batch_size=rc.shape[0])
+        if self.lm_coef:
+            labels = batch["chosen_labels"]  # (B, T)
+            lm_loss, _ = masked_lm_loss(self.model.lm_head(hidden[: labels.shape[0]]), labels)
+            self.log(f"{stage}/bt_loss", loss, **log)
+            self.log(f"{stage}/lm_loss", lm_loss, **log)
+            loss = loss + self.lm_coef * lm_loss
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
         self.log(f"{stage}/margin", (rc - rr).mean(), **log)
         self.log(f"{stage}/reward_mean", scores.mean(), **log)
         self.log(f"{stage}/reward_std", scores.std(), **log)
         if on_step:
-            self.log("train/acc", (rc > rr).float().mean(), on_step=True)
+            self.log("train/acc", (rc > rr).float().mean(), on_step=True, batch_size=rc.shape[0])
         else:
             self.val_acc((rc - rr).sigmoid(), torch.ones_like(rc, dtype=torch.long))
-            self.log(f"{stage}/acc", self.val_acc, prog_bar=True, on_epoch=True)
+            self.log(f"{stage}/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=rc.shape[0])
         return loss
