@@ -136,3 +136,16 @@ def test_lm_coef_adds_the_next_token_loss_of_the_chosen_reply(sft_ckpt):
     assert total.item() == pytest.approx(bt.item() + 0.5 * nll / n, rel=1e-4)
     with pytest.raises(ValueError, match="lm_coef"):
         RewardModule(init_from=str(sft_ckpt), lm_coef=-1.0)
+
+
+def test_wrong_person_pairs_go_to_training_only():
+    from lit_llm.data import tinyworld
+    from lit_llm.data.preference import PreferenceDataModule
+
+    dm = PreferenceDataModule(tinyworld_train=200, tinyworld_val=50, tinyworld_wrong_person=1.0)
+    train, val = dm.triples()
+    want_train = tinyworld.preference_pairs(200, "train", wrong_person_rate=1.0)
+    assert [t[2] for t in train] == [p["rejected"] for p in want_train]
+    assert [t[2] for t in val] == [p["rejected"] for p in tinyworld.preference_pairs(50, "val")]
+    with pytest.raises(ValueError, match="tinyworld_wrong_person"):
+        PreferenceDataModule(tinyworld_wrong_person=-0.1)

@@ -150,6 +150,28 @@ def test_preference_pairs_reward_separates():
     assert 0.4 * len(pairs) < canonical < 0.95 * len(pairs)
 
 
+def test_wrong_person_rate_draws_that_mistake_and_leaves_the_default_alone():
+    assert preference_pairs(200, "train", wrong_person_rate=0.0) == preference_pairs(200, "train")
+    hard = preference_pairs(300, "train", wrong_person_rate=1.0)
+    for pair in hard:
+        assert pair["difficulty"] == 0 and _solve(pair["prompt"]) == pair["answer"]
+        assert gold_reward(pair["answer"], pair["chosen"]) == 1.0
+        assert gold_reward(pair["answer"], pair["rejected"]) == 0.0, pair
+        facts, answer = pair["rejected"].removesuffix(".").split(" The answer is ")
+        person = facts.split()[0]
+        assert facts in pair["prompt"] and person not in pair["prompt"].rsplit(". ", 1)[1], pair
+        # the rejected answer is what that person's sentence says
+        assert answer in facts
+    shares = []
+    for rate in (0.0, 0.3):
+        pairs = preference_pairs(2000, "train", wrong_person_rate=rate)
+        shares.append(sum(p["chosen"].split()[0] != p["rejected"].split()[0] and "The answer is" in p["rejected"]
+                          and p["difficulty"] == 0 for p in pairs) / len(pairs))  # fmt: skip
+    assert 0.02 < shares[0] < 0.09 and 0.3 < shares[1] < 0.4, shares
+    with pytest.raises(ValueError, match="wrong_person_rate"):
+        preference_pairs(1, wrong_person_rate=1.5)
+
+
 @pytest.mark.parametrize(
     ("response", "expected"),
     [

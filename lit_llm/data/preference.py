@@ -77,6 +77,10 @@ class PreferenceDataModule(SFTDataModule):
         val_fraction: Held-out share of a local/HF dataset.
         tinyworld_train: Number of tinyworld training pairs.
         tinyworld_val: Number of tinyworld validation pairs.
+        tinyworld_wrong_person: Share of tinyworld *training* pairs whose rejected reply is another person's
+            true fact (``tinyworld.preference_pairs(wrong_person_rate=...)``); validation pairs are always
+            drawn as usual, so accuracies stay comparable. ``1.0`` trains on those pairs only (the first step of
+            ``configs/reward/tinyworld-person.yaml``).
         seed: Seed of the tinyworld generator.
         num_workers: DataLoader workers.
     """
@@ -91,6 +95,7 @@ class PreferenceDataModule(SFTDataModule):
         val_fraction: float = 0.1,
         tinyworld_train: int = 4000,
         tinyworld_val: int = 400,
+        tinyworld_wrong_person: float = 0.0,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -98,6 +103,9 @@ class PreferenceDataModule(SFTDataModule):
                          skip_bad_records=skip_bad_records, val_fraction=val_fraction, tinyworld_train=tinyworld_train,
                          tinyworld_val=tinyworld_val, seed=seed, num_workers=num_workers)  # fmt: skip
         self.kind = "pairs"
+        if not 0.0 <= tinyworld_wrong_person <= 1.0:
+            raise ValueError(f"tinyworld_wrong_person must be in [0, 1], got {tinyworld_wrong_person}")
+        self.wrong_person = tinyworld_wrong_person
 
     def triples(self) -> tuple[list[tuple], list[tuple]]:
         """(train, validation) lists of (prompt messages, chosen, rejected)."""
@@ -105,11 +113,11 @@ class PreferenceDataModule(SFTDataModule):
             n_train, n_val, _ = self.tinyworld_sizes
             world = tinyworld.WorldConfig(seed=self.seed)
 
-            def get(split: str, n: int) -> list[tuple]:
+            def get(split: str, n: int, wrong_person: float = 0.0) -> list[tuple]:
                 return [([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"])
-                        for p in tinyworld.preference_pairs(n, split, world)]  # fmt: skip
+                        for p in tinyworld.preference_pairs(n, split, world, wrong_person)]  # fmt: skip
 
-            return get("train", n_train), get("val", n_val)
+            return get("train", n_train, self.wrong_person), get("val", n_val)
         return self._split_records(lambda rec: [split_pair(rec)])
 
     def _tokenize(self, triples: list[tuple], split: str) -> list[Pair]:

@@ -364,6 +364,17 @@ def _hedge(answer: str, rng: random.Random) -> str:
     return f"I am not sure, maybe {answer}."
 
 
+def _wrong_person(s: _Scene, qa: _QA, rng: random.Random, show_facts: bool) -> str:
+    """A lookup (difficulty 0) answered from another person's true sentence: "Bob is in the park. The answer
+    is the park." to "Where is Eve?". It is wrong only in who it is about."""
+    asked = qa.question.rstrip("?").split()
+    p2 = rng.choice([p for p in s.people if p not in asked])
+    if qa.answer.isdigit():
+        obj = asked[2]
+        return _response(str(s.count[p2, obj]), (_has(s, p2, obj),) if show_facts else ())
+    return _response(f"the {s.place[p2]}", (_is_in(s, p2),) if show_facts else ())
+
+
 def _rejected(s: _Scene, qa: _QA, rng: random.Random, config: WorldConfig) -> str:
     """A plausible but wrong response: the right facts with a wrong conclusion (off-by-few, another number,
     name or place from the scene), the facts of the wrong person, or rambling."""
@@ -377,13 +388,7 @@ def _rejected(s: _Scene, qa: _QA, rng: random.Random, config: WorldConfig) -> st
     ]
     options: list[str] = []
     if qa.difficulty == 0:  # a lookup answered from the wrong person's sentence
-        asked = qa.question.rstrip("?").split()
-        p2 = rng.choice([p for p in s.people if p not in asked])
-        if qa.answer.isdigit():
-            obj = asked[2]
-            options.append(_response(str(s.count[p2, obj]), (_has(s, p2, obj),) if sup else ()))
-        else:
-            options.append(_response(f"the {s.place[p2]}", (_is_in(s, p2),) if sup else ()))
+        options.append(_wrong_person(s, qa, rng, bool(sup)))
     if qa.answer.isdigit():
         n = int(qa.answer)
         delta = rng.choice((-3, -2, -1, 1, 2, 3))
@@ -403,29 +408,45 @@ def _rejected(s: _Scene, qa: _QA, rng: random.Random, config: WorldConfig) -> st
     return choice if gold_reward(qa.answer, choice) == 0.0 else "I am not sure about that."
 
 
-def preference_pairs(n: int, split: str = "train", config: WorldConfig = WorldConfig()) -> list[dict]:
+def preference_pairs(
+    n: int, split: str = "train", config: WorldConfig = WorldConfig(), wrong_person_rate: float = 0.0
+) -> list[dict]:
     """Preference pairs for reward-model training.
 
     Args:
         n: Number of pairs.
         split: One of ``SPLITS``.
         config: World configuration.
+        wrong_person_rate: Share of pairs made harder on purpose: a lookup question whose rejected reply is
+            another person's true fact (:func:`_wrong_person`), the one mistake a reward model cannot tell by
+            checking facts and arithmetic. ``0`` (the default) draws every pair as usual, where such pairs
+            are about 5%; ``1`` gives only those.
 
     Returns:
         Dicts ``{"prompt", "chosen", "rejected", "answer", "difficulty"}``; ``chosen`` is the canonical correct
         response and ``rejected`` a plausible wrong one (gold reward 0), never equal to ``chosen``.
     """
     _check_n(n)
+    if not 0.0 <= wrong_person_rate <= 1.0:
+        raise ValueError(f"wrong_person_rate must be in [0, 1], got {wrong_person_rate}")
     rng = _rng("pref", split, config)
+    hard_rng = _rng("pref-wrong-person", split, config)  # its own stream: rate 0 leaves the pairs unchanged
     out = []
     for _ in range(n):
-        s = _scene(rng, split, config)
-        qa = _ask(s, rng, config.difficulties)
-        pair = {
-            "prompt": f"{s.text} {qa.question}",
-            "chosen": _answer(qa, config),
-            "rejected": _rejected(s, qa, rng, config),
-        }
+        if wrong_person_rate and hard_rng.random() < wrong_person_rate:
+            for _ in range(_MAX_TRIES):  # redraw while the other person's fact gives the same answer
+                s = _scene(rng, split, config)
+                qa = _ask(s, rng, (0,))
+                rejected = _wrong_person(s, qa, rng, config.show_facts)
+                if not gold_reward(qa.answer, rejected):
+                    break
+            else:
+                raise RuntimeError(f"no wrong-person pair in {_MAX_TRIES} scenes of {config}")
+        else:
+            s = _scene(rng, split, config)
+            qa = _ask(s, rng, config.difficulties)
+            rejected = _rejected(s, qa, rng, config)
+        pair = {"prompt": f"{s.text} {qa.question}", "chosen": _answer(qa, config), "rejected": rejected}
         out.append({**pair, "answer": qa.answer, "difficulty": qa.difficulty})
     return out
 
