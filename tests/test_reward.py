@@ -149,3 +149,20 @@ def test_wrong_person_pairs_go_to_training_only():
     assert [t[2] for t in val] == [p["rejected"] for p in tinyworld.preference_pairs(50, "val")]
     with pytest.raises(ValueError, match="tinyworld_wrong_person"):
         PreferenceDataModule(tinyworld_wrong_person=-0.1)
+
+
+def test_two_step_tinyworld_recipe_chains(sft_ckpt, tmp_path, monkeypatch):
+    """configs/reward/tinyworld-person.yaml, then tinyworld-long.yaml from its last.ckpt (by default)."""
+    monkeypatch.chdir(tmp_path)
+    fast = [*QUIET, "--trainer.precision", "32-true", "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2", "--data.tinyworld_train", "64", "--data.tinyworld_val", "16"]  # fmt: skip
+    main(["fit", "--config", str(ROOT / "configs/reward/tinyworld-person.yaml"), *fast,
+          "--model.init_from", str(sft_ckpt)])  # fmt: skip
+    step1 = tmp_path / "checkpoints/reward-person/last.ckpt"
+    assert step1.is_file()
+    main(["fit", "--config", str(ROOT / "configs/reward/tinyworld-long.yaml"), *fast])
+    from lit_llm.checkpoint import load_checkpoint
+
+    step2 = load_checkpoint(str(tmp_path / "checkpoints/reward/last.ckpt"))
+    assert step2["hyper_parameters"]["init_from"] == "checkpoints/reward-person/last.ckpt"
+    RewardModel.load(str(tmp_path / "checkpoints/reward/last.ckpt"))  # a reward model usable on its own
