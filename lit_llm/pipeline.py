@@ -76,6 +76,13 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     p.add_argument(
         "--skip", nargs="*", default=[], choices=STAGES, help="reuse existing last.ckpt of these stages"
     )
+    p.add_argument(
+        "--reward_long",
+        action="store_true",
+        help="the accurate tinyworld reward model instead of the 1-minute one: configs/reward/"
+        "tinyworld-person.yaml, then tinyworld-long.yaml from it (about 30 minutes on 2 cores; --reward_args "
+        "apply to the second step)",
+    )
     for stage in STAGES:
         p.add_argument(
             f"--{stage}_args", default="", help=f"extra CLI overrides for the {stage} stage (one string)"
@@ -104,18 +111,28 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
                 if not ckpt.is_file():
                     raise FileNotFoundError(f"--skip {stage}: {ckpt} does not exist")
                 continue
-            args = [
-                "fit",
-                "--config",
-                str(configs / CONFIGS[stage]),
-                "--seed_everything",
-                str(a.seed),
-                *QUIET,
-            ]
-            args += INIT[stage]
-            args += (FAST[stage] if a.fast else []) + shlex.split(getattr(a, f"{stage}_args"))
-            print(f"\n=== {stage}: lit-llm {' '.join(args)}", flush=True)
+            config, init = CONFIGS[stage], INIT[stage]
+            fast = FAST[stage] if a.fast else []
+            common = ["--seed_everything", str(a.seed), *QUIET]
             t0 = time.perf_counter()
+            if stage == "reward" and a.reward_long:  # step 1 of 2: whom a reply is about
+                args = [
+                    "fit",
+                    "--config",
+                    str(configs / "reward/tinyworld-person.yaml"),
+                    *common,
+                    *init,
+                    *fast,
+                ]
+                print(f"\n=== reward, step 1: lit-llm {' '.join(args)}", flush=True)
+                run_lightning(args)
+                config, init = (
+                    "reward/tinyworld-long.yaml",
+                    ["--model.init_from", "checkpoints/reward-person/last.ckpt"],
+                )
+            args = ["fit", "--config", str(configs / config), *common, *init, *fast]
+            args += shlex.split(getattr(a, f"{stage}_args"))
+            print(f"\n=== {stage}: lit-llm {' '.join(args)}", flush=True)
             cli = run_lightning(args)
             rows["minutes"][stage] = (time.perf_counter() - t0) / 60
             if stage == "pretrain":

@@ -62,3 +62,10 @@ def test_pipeline_runs_end_to_end(tmp_path, capsys):
     assert 0.0 <= summary["ppo_gold"] <= 1.0 and summary["ppo_kl"] is not None
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert (tmp_path / f"checkpoints/{stage}/last.ckpt").is_file()
+    # the accurate reward model's two steps, then PPO against it, from the same SFT policy
+    main(["pipeline", "--workdir", str(tmp_path), "--fast", "--skip", "pretrain", "sft", "--reward_long"])
+    from lit_llm.checkpoint import load_checkpoint
+
+    assert (tmp_path / "checkpoints/reward-person/last.ckpt").is_file()
+    reward = load_checkpoint(str(tmp_path / "checkpoints/reward/last.ckpt"))["hyper_parameters"]
+    assert reward["init_from"] == "checkpoints/reward-person/last.ckpt"
