@@ -43,7 +43,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--ckpt", required=True, help="a reward-model checkpoint (lit-llm fit --config configs/reward/...)"
     )
-    p.add_argument("--pairs", type=int, default=400, help="held-out pairs to score (val split)")
+    p.add_argument("--pairs", type=int, default=400, help="held-out pairs to score")
+    p.add_argument(
+        "--split", default="val", choices=("val", "test"),
+        help="val: the pairs lit-llm validate scores; test: scenes no training run ever looked at",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="tinyworld seed (the data module's default is 0)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument(
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
     rm, tok = RewardModel.load(args.ckpt)
-    pairs = tinyworld.preference_pairs(args.pairs, "val", tinyworld.WorldConfig(seed=args.seed))
+    pairs = tinyworld.preference_pairs(args.pairs, args.split, tinyworld.WorldConfig(seed=args.seed))
     right: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     margins = []
     with torch.inference_mode():
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
                     right[key][1] += 1
     rows = [{"group": k, "accuracy": n / total, "pairs": total} for k, (n, total) in sorted(right.items())]
     print(
-        f"{args.ckpt}: {len(pairs)} held-out tinyworld pairs, mean margin {sum(margins) / len(margins):.2f}"
+        f"{args.ckpt}: {len(pairs)} held-out tinyworld pairs ({args.split}), mean margin {sum(margins) / len(margins):.2f}"
     )
     print("| group | pairwise accuracy | pairs |")
     print("|---|---:|---:|")
