@@ -80,7 +80,7 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         "--reward_long",
         action="store_true",
         help="the accurate tinyworld reward model instead of the 1-minute one: configs/reward/"
-        "tinyworld-person.yaml, then tinyworld-long.yaml from it (about 30 minutes on 2 cores; --reward_args "
+        "tinyworld-person.yaml, then tinyworld-long.yaml from it (about 37 minutes on 2 cores; --reward_args "
         "apply to the second step)",
     )
     for stage in STAGES:
