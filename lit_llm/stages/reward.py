@@ -66,10 +66,9 @@ class RewardModule(Stage):
 
     The objective is the Bradley-Terry loss, plus ``lm_coef`` times the SFT loss on the chosen replies: the
     backbone keeps predicting good replies, as in GRM (Yang et al., 2024, "Regularizing Hidden States Enables
-    Learning Generalizable Reward Model for LLMs"). That term is also what lets a small reward model learn a
-    preference the pairwise loss alone cannot start on, where chosen and rejected differ only in how the
-    reply relates to the prompt (tinyworld: a true fact about the wrong person); benchmarks/BENCHMARKS.md
-    has the figures.
+    Learning Generalizable Reward Model for LLMs"). On tinyworld it sharpens the arithmetic checks; it does not
+    by itself teach the wrong-person pairs (that is step 1, ``configs/reward/tinyworld-person.yaml``), and on
+    hh-rlhf it made no difference. benchmarks/BENCHMARKS.md has the figures.
 
     Args:
         margin: Required score gap in the loss (0 = plain Bradley-Terry).
