@@ -159,9 +159,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda (int8 rows are CPU-only: no fused kernel)")
     p.add_argument(
-        "--impls", nargs="+", choices=list(IMPLS), default=[k for k in IMPLS if k != "nocache"],
+        "--impls",
+        nargs="+",
+        choices=list(IMPLS),
+        default=[k for k in IMPLS if k != "nocache"],
         help="implementations to time (hf is always included: it is the reference)",
-    )  # fmt: skip
+    )
     p.add_argument("--profile", choices=list(IMPLS), default=None, help="torch.profiler table of one of them")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -235,8 +238,11 @@ def main(argv=None) -> int:
         )
     targets = {1: 3.0, 8: 2.0}
     for B, t in targets.items():
-        best = max((r for r in rows if r["batch"] == B and not r["impl"].startswith("hf")), default=None,
-                   key=lambda r: r["vs_hf"])  # fmt: skip
+        best = max(
+            (r for r in rows if r["batch"] == B and not r["impl"].startswith("hf")),
+            default=None,
+            key=lambda r: r["vs_hf"],
+        )
         if best:
             print(f"target batch {B}: >= {t}x HF -> best {best['vs_hf']:.2f}x ({best['label']})")
     if args.profile:

@@ -415,8 +415,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = run_lightning(device, args, args.lightning_preset)
         except Exception as e:
             traceback.print_exc()
-            row = {"kind": "lightning", "preset": args.lightning_preset, "mode": "bf16-mixed (Trainer)",
-                   "error": f"{type(e).__name__}: {e}"[:300]}  # fmt: skip
+            row = {
+                "kind": "lightning",
+                "preset": args.lightning_preset,
+                "mode": "bf16-mixed (Trainer)",
+                "error": f"{type(e).__name__}: {e}"[:300],
+            }
         print("  " + json.dumps(row), flush=True)
         results["train"].append(row)
         save()

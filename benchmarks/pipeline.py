@@ -42,8 +42,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in results:
         change = 100 * (r["ppo_gold"] - r["sft_gold"])
-        print(f"| {r['seed']} | {100 * r['sft_gold']:.1f}% | {100 * r['ppo_gold']:.1f}% | {change:+.1f} | "
-              f"{r['ppo_kl']:.3f} | {r['minutes']['ppo']:.1f} |")  # fmt: skip
+        print(
+            f"| {r['seed']} | {100 * r['sft_gold']:.1f}% | {100 * r['ppo_gold']:.1f}% | {change:+.1f} | "
+            f"{r['ppo_kl']:.3f} | {r['minutes']['ppo']:.1f} |"
+        )
     mean = statistics.mean(100 * (r["ppo_gold"] - r["sft_gold"]) for r in results)
     print(f"\nmean change over {len(results)} seeds: {mean:+.1f} points")
     m = first["minutes"]

@@ -43,20 +43,52 @@ def main() -> None:
     common = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     t0 = time.perf_counter()
     if not (a.reuse and Path("checkpoints/pretrain/last.ckpt").is_file()):
-        run_lightning([
-            "fit", "--config", str(root / "pretrain/tiny.yaml"), *common, "--model.preset", a.preset,
-            "--data.source", data, "--data.text_field", "chosen", "--data.tokenizer_vocab_size", "8192",
-            "--data.seq_len", "256", "--data.batch_size", "16",
-            "--trainer.max_steps", str(a.pretrain_steps), "--trainer.val_check_interval", str(a.pretrain_steps),
-            "--trainer.limit_val_batches", "20", "--model.sample_prompts", "['How do I']",
-        ])  # fmt: skip
+        run_lightning(
+            [
+                "fit",
+                "--config",
+                str(root / "pretrain/tiny.yaml"),
+                *common,
+                "--model.preset",
+                a.preset,
+                "--data.source",
+                data,
+                "--data.text_field",
+                "chosen",
+                "--data.tokenizer_vocab_size",
+                "8192",
+                "--data.seq_len",
+                "256",
+                "--data.batch_size",
+                "16",
+                "--trainer.max_steps",
+                str(a.pretrain_steps),
+                "--trainer.val_check_interval",
+                str(a.pretrain_steps),
+                "--trainer.limit_val_batches",
+                "20",
+                "--model.sample_prompts",
+                "['How do I']",
+            ]
+        )
     t1 = time.perf_counter()
-    cli = run_lightning([
-        "fit", "--config", str(root / "reward/hh-rlhf.yaml"), *common,
-        "--model.init_from", "checkpoints/pretrain/last.ckpt", "--data.source", data,
-        "--trainer.max_steps", str(a.reward_steps), "--trainer.val_check_interval", str(a.reward_steps),
-        *shlex.split(a.reward_args),
-    ])  # fmt: skip
+    cli = run_lightning(
+        [
+            "fit",
+            "--config",
+            str(root / "reward/hh-rlhf.yaml"),
+            *common,
+            "--model.init_from",
+            "checkpoints/pretrain/last.ckpt",
+            "--data.source",
+            data,
+            "--trainer.max_steps",
+            str(a.reward_steps),
+            "--trainer.val_check_interval",
+            str(a.reward_steps),
+            *shlex.split(a.reward_args),
+        ]
+    )
     t2 = time.perf_counter()
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(
@@ -64,8 +96,10 @@ def main() -> None:
         " minutes (pretrain + reward) |"
     )
     print("|---|---|---|---|---|---|")
-    print(f"| {a.preset} | {a.pretrain_steps} | {a.reward_steps} | {a.reward_args or '-'} | {100 * acc:.1f}% | "
-          f"{(t1 - t0) / 60:.1f} + {(t2 - t1) / 60:.1f} |")  # fmt: skip
+    print(
+        f"| {a.preset} | {a.pretrain_steps} | {a.reward_steps} | {a.reward_args or '-'} | {100 * acc:.1f}% | "
+        f"{(t1 - t0) / 60:.1f} + {(t2 - t1) / 60:.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -45,15 +45,18 @@ def main(argv=None) -> int:
     )
     p.add_argument("--pairs", type=int, default=400, help="held-out pairs to score")
     p.add_argument(
-        "--split", default="val", choices=("val", "test"),
+        "--split",
+        default="val",
+        choices=("val", "test"),
         help="val: the pairs lit-llm validate scores; test: scenes no training run ever looked at",
-    )  # fmt: skip
+    )
     p.add_argument("--seed", type=int, default=0, help="tinyworld seed (the data module's default is 0)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument(
-        "--reply-prefix", default="",
+        "--reply-prefix",
+        default="",
         help="text put before every reply (e.g. ' ' for a reward model trained on space-prefixed replies)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
     rm, tok = RewardModel.load(args.ckpt)

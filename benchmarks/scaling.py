@@ -46,23 +46,54 @@ def write_config(path: Path, args: argparse.Namespace, precision: str, compile: 
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": procs, "strategy": "ddp" if procs > 1 else "auto",
-            "max_steps": args.steps, "precision": precision, "log_every_n_steps": every,
-            "val_check_interval": args.steps, "check_val_every_n_epoch": None, "limit_val_batches": 8,
-            "num_sanity_val_steps": 0, "gradient_clip_val": 1.0, "enable_checkpointing": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": "run",
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-            "callbacks": [{"class_path": "lit_llm.callbacks.ThroughputMonitor",
-                           "init_args": {"log_every_n_steps": every}}],
+            "accelerator": "cpu",
+            "devices": procs,
+            "strategy": "ddp" if procs > 1 else "auto",
+            "max_steps": args.steps,
+            "precision": precision,
+            "log_every_n_steps": every,
+            "val_check_interval": args.steps,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 8,
+            "num_sanity_val_steps": 0,
+            "gradient_clip_val": 1.0,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": "run",
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "logs"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lit_llm.callbacks.ThroughputMonitor",
+                    "init_args": {"log_every_n_steps": every},
+                }
+            ],
         },
-        "model": {"class_path": "lit_llm.stages.CausalLM", "init_args": {
-            "preset": args.preset, "learning_rate": 1e-3, "warmup_steps": max(1, args.steps // 10),
-            "compile": compile}},
-        "data": {"class_path": "lit_llm.data.text.TextDataModule", "init_args": {
-            "source": "tinyworld", "tokenizer_kind": "bpe", "tokenizer_vocab_size": args.vocab,
-            "tinyworld_docs": args.docs, "seq_len": args.seq_len, "batch_size": args.batch_size // procs,
-            "cache_dir": str(args.workdir / "data_cache")}},
-    }  # fmt: skip
+        "model": {
+            "class_path": "lit_llm.stages.CausalLM",
+            "init_args": {
+                "preset": args.preset,
+                "learning_rate": 1e-3,
+                "warmup_steps": max(1, args.steps // 10),
+                "compile": compile,
+            },
+        },
+        "data": {
+            "class_path": "lit_llm.data.text.TextDataModule",
+            "init_args": {
+                "source": "tinyworld",
+                "tokenizer_kind": "bpe",
+                "tokenizer_vocab_size": args.vocab,
+                "tinyworld_docs": args.docs,
+                "seq_len": args.seq_len,
+                "batch_size": args.batch_size // procs,
+                "cache_dir": str(args.workdir / "data_cache"),
+            },
+        },
+    }
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -86,19 +117,29 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     env.pop("LOCAL_RANK", None)
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-m", "lit_llm", "fit", "--config", str(cfg)], cwd=run, env=env, capture_output=True,
+        [sys.executable, "-m", "lit_llm", "fit", "--config", str(cfg)],
+        cwd=run,
+        env=env,
+        capture_output=True,
         text=True,
-    )  # fmt: skip
+    )
     wall = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(f"{name} failed:\n{out.stderr[-4000:]}")
     tps, train_loss, val_loss = read_metrics(run)
     steady = tps[1:] or tps
     return {
-        "name": name, "precision": precision, "compile": compile, "processes": procs, "threads": threads,
-        "tokens_per_sec": statistics.median(steady), "first_window_tokens_per_sec": tps[0] if tps else None,
-        "train_loss": train_loss, "val_loss": val_loss, "wall_s": wall,
-    }  # fmt: skip
+        "name": name,
+        "precision": precision,
+        "compile": compile,
+        "processes": procs,
+        "threads": threads,
+        "tokens_per_sec": statistics.median(steady),
+        "first_window_tokens_per_sec": tps[0] if tps else None,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -127,8 +168,12 @@ def main() -> None:
         speeds = sorted(r["tokens_per_sec"] for r in rs)
         results.append({**rs[-1], "tokens_per_sec": statistics.median(speeds), "all_tokens_per_sec": speeds})
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    (args.workdir / "scaling.json").write_text(json.dumps({"machine": machine, "args": vars(args) | {
-        "workdir": str(args.workdir)}, "results": results}, indent=2))  # fmt: skip
+    (args.workdir / "scaling.json").write_text(
+        json.dumps(
+            {"machine": machine, "args": vars(args) | {"workdir": str(args.workdir)}, "results": results},
+            indent=2,
+        )
+    )
     base = next((r["tokens_per_sec"] for r in results if r["name"] == "fp32"), None)
     print(
         f"\n{args.preset}, seq_len {args.seq_len}, global batch {args.batch_size}, {args.steps} steps; {machine}\n"
@@ -141,9 +186,11 @@ def main() -> None:
         rel = f"{r['tokens_per_sec'] / base:.2f}x" if base else "-"
         spread = r["all_tokens_per_sec"]
         rng = f" ({spread[0]:,.0f}-{spread[-1]:,.0f})" if len(spread) > 1 else ""
-        print(f"| {r['name']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | {r['processes']} x "
-              f"{r['threads']} | {r['tokens_per_sec']:,.0f}{rng} | {rel} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
-              f"{r['wall_s']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['name']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | {r['processes']} x "
+            f"{r['threads']} | {r['tokens_per_sec']:,.0f}{rng} | {rel} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
+            f"{r['wall_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,17 +35,30 @@ def run(ckpt: str, pack: bool, steps: int, batch_size: int, seq_len: int) -> dic
     dm = SFTDataModule(tokenizer=ckpt, pack=pack, seq_len=seq_len, batch_size=batch_size, tinyworld_eval=0)
     model = SFTModule(init_from=ckpt, learning_rate=1e-3, warmup_steps=20)
     counter = RealTokens()
-    trainer = Trainer(max_steps=steps, precision="bf16-mixed", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=[counter])  # fmt: skip
+    trainer = Trainer(
+        max_steps=steps,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[counter],
+    )
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - t0
     val = Trainer(precision="bf16-mixed", logger=False, enable_progress_bar=False, enable_model_summary=False)
     dm_val = SFTDataModule(tokenizer=ckpt, pack=False, seq_len=seq_len, batch_size=64, tinyworld_eval=0)
     loss = val.validate(model, datamodule=dm_val, verbose=False)[0]["val/loss"]
-    return {"pack": pack, "seconds": seconds, "tokens": counter.tokens, "tok_s": counter.tokens / seconds,
-            "val_loss": loss}  # fmt: skip
+    return {
+        "pack": pack,
+        "seconds": seconds,
+        "tokens": counter.tokens,
+        "tok_s": counter.tokens / seconds,
+        "val_loss": loss,
+    }
 
 
 def main() -> None:
@@ -59,8 +72,10 @@ def main() -> None:
     print("\n| packing | steps | real tokens trained | seconds | real tokens/s | val loss (unpacked) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'on' if r['pack'] else 'off'} | {a.steps} | {r['tokens']:,} | {r['seconds']:.1f} | "
-              f"{r['tok_s']:,.0f} | {r['val_loss']:.4f} |")  # fmt: skip
+        print(
+            f"| {'on' if r['pack'] else 'off'} | {a.steps} | {r['tokens']:,} | {r['seconds']:.1f} | "
+            f"{r['tok_s']:,.0f} | {r['val_loss']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

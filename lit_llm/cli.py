@@ -115,15 +115,19 @@ Helpers (each has --help):
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--precision", choices=["32", "bf16", "int8"], default="32",
+        "--precision",
+        choices=["32", "bf16", "int8"],
+        default="32",
         help="weights while decoding: float32 (exact), bfloat16, or int8 weight-only with bfloat16 "
         "activations (fastest on CPU; greedy tokens can differ where two logits nearly tie)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--compile", choices=["off", "on", "frozen"], default="off",
+        "--compile",
+        choices=["off", "on", "frozen"],
+        default="off",
         help="torch.compile the decode step: the first call compiles (tens of seconds), so it pays off for "
         "long outputs; 'frozen' also bakes the weights into the compiled code (a CPU option)",
-    )  # fmt: skip
+    )
 
 
 def _inference_model(ckpt: str, precision: str):
@@ -239,8 +243,20 @@ def cmd_chat(argv: Sequence[str]) -> None:
         ids = ids[-budget:]  # forget the oldest turns when the conversation outgrows the context
         sys.stdout.write("assistant> ")
         try:
-            reply = _stream_text(tok, stream(model, ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p,
-                                             [tok.end_id, tok.eos_id], gen, _COMPILE[a.compile]))  # fmt: skip
+            reply = _stream_text(
+                tok,
+                stream(
+                    model,
+                    ids,
+                    a.max_new_tokens,
+                    a.temperature,
+                    a.top_k,
+                    a.top_p,
+                    [tok.end_id, tok.eos_id],
+                    gen,
+                    _COMPILE[a.compile],
+                ),
+            )
         except KeyboardInterrupt:
             reply = []
         sys.stdout.write("\n")
@@ -255,8 +271,12 @@ def cmd_export(argv: Sequence[str]) -> None:
     )
     p.add_argument("--ckpt", required=True, help="a lit_llm checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--arch", choices=["auto", "llama", "llama4"], default="auto",
-                   help="auto: Llama when the config fits, else Llama 4")  # fmt: skip
+    p.add_argument(
+        "--arch",
+        choices=["auto", "llama", "llama4"],
+        default="auto",
+        help="auto: Llama when the config fits, else Llama 4",
+    )
     a = p.parse_args(argv)
     from lit_llm.backbone.hf import export_hf
     from lit_llm.stages.base import load_backbone

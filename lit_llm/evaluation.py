@@ -28,8 +28,14 @@ def chat_completions(
     try:
         for i in range(0, len(prompts), batch_size):
             ids = [tok.prompt_ids(p) for p in prompts[i : i + batch_size]]
-            out = generate(model, ids, max_new_tokens, temperature, stop_tokens=[tok.end_id, tok.eos_id],
-                           pad_id=tok.pad_id)  # fmt: skip
+            out = generate(
+                model,
+                ids,
+                max_new_tokens,
+                temperature,
+                stop_tokens=[tok.end_id, tok.eos_id],
+                pad_id=tok.pad_id,
+            )
             replies += [tok.decode(r) for r in out.response_lists()]
     finally:
         model.train(was_training)

@@ -38,16 +38,53 @@ INIT = {
 QUIET = ["--trainer.enable_model_summary", "false"]
 # --fast: a smoke run of the whole chain in well under a minute (used by the tests)
 FAST = {
-    "pretrain": ["--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "2",
-                 "--data.tinyworld_docs", "400", "--data.seq_len", "128",
-                 "--model.model_overrides", "{n_layer: 1, n_embd: 64, n_head: 2, n_kv_head: 1}"],
-    "sft": ["--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--data.tinyworld_train", "320",
-            "--data.tinyworld_val", "32", "--data.tinyworld_eval", "8"],
-    "reward": ["--trainer.max_steps", "10", "--trainer.val_check_interval", "10", "--data.tinyworld_train", "320",
-               "--data.tinyworld_val", "32"],
-    "ppo": ["--trainer.limit_train_batches", "3", "--trainer.val_check_interval", "3", "--data.batch_size", "16",
-            "--data.val_prompts", "16"],
-}  # fmt: skip
+    "pretrain": [
+        "--trainer.max_steps",
+        "20",
+        "--trainer.val_check_interval",
+        "20",
+        "--trainer.limit_val_batches",
+        "2",
+        "--data.tinyworld_docs",
+        "400",
+        "--data.seq_len",
+        "128",
+        "--model.model_overrides",
+        "{n_layer: 1, n_embd: 64, n_head: 2, n_kv_head: 1}",
+    ],
+    "sft": [
+        "--trainer.max_steps",
+        "10",
+        "--trainer.val_check_interval",
+        "10",
+        "--data.tinyworld_train",
+        "320",
+        "--data.tinyworld_val",
+        "32",
+        "--data.tinyworld_eval",
+        "8",
+    ],
+    "reward": [
+        "--trainer.max_steps",
+        "10",
+        "--trainer.val_check_interval",
+        "10",
+        "--data.tinyworld_train",
+        "320",
+        "--data.tinyworld_val",
+        "32",
+    ],
+    "ppo": [
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.val_check_interval",
+        "3",
+        "--data.batch_size",
+        "16",
+        "--data.val_prompts",
+        "16",
+    ],
+}
 
 
 def find_configs(explicit: str | None) -> Path:
@@ -170,16 +207,26 @@ def print_summary(rows: dict[str, Any]) -> None:
     t.add_column("result")
     t.add_column("minutes", justify="right")
     t.add_row("pretrain", f"val loss {fmt(rows.get('pretrain_val_loss'))}", f"{m.get('pretrain', 0):.1f}")
-    t.add_row("sft", f"val loss {fmt(rows.get('sft_val_loss'))}; exact answer (gold) {fmt(rows['sft_gold'], True)}",
-              f"{m.get('sft', 0):.1f}")  # fmt: skip
+    t.add_row(
+        "sft",
+        f"val loss {fmt(rows.get('sft_val_loss'))}; exact answer (gold) {fmt(rows['sft_gold'], True)}",
+        f"{m.get('sft', 0):.1f}",
+    )
     t.add_row(
         "reward",
         f"held-out pairwise accuracy {fmt(rows.get('reward_val_acc'), True)}",
         f"{m.get('reward', 0):.1f}",
     )
-    t.add_row("ppo", f"gold {fmt(rows['ppo_gold'], True)} (SFT {fmt(rows['sft_gold'], True)}); sampled at T=1: "
-              f"{fmt(rows['ppo_gold_sampled'], True)} (SFT {fmt(rows['sft_gold_sampled'], True)}); "
-              f"KL to SFT {fmt(rows.get('ppo_kl'))}", f"{m.get('ppo', 0):.1f}")  # fmt: skip
-    t.add_row("total", f"gold reward change: {100 * (rows['ppo_gold'] - rows['sft_gold']):+.1f} points",
-              f"{sum(m.values()):.1f}")  # fmt: skip
+    t.add_row(
+        "ppo",
+        f"gold {fmt(rows['ppo_gold'], True)} (SFT {fmt(rows['sft_gold'], True)}); sampled at T=1: "
+        f"{fmt(rows['ppo_gold_sampled'], True)} (SFT {fmt(rows['sft_gold_sampled'], True)}); "
+        f"KL to SFT {fmt(rows.get('ppo_kl'))}",
+        f"{m.get('ppo', 0):.1f}",
+    )
+    t.add_row(
+        "total",
+        f"gold reward change: {100 * (rows['ppo_gold'] - rows['sft_gold']):+.1f} points",
+        f"{sum(m.values()):.1f}",
+    )
     Console().print(t)

@@ -49,12 +49,28 @@ def pretrain_ckpt(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        main([
-            "fit", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), *QUIET,
-            "--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--trainer.limit_val_batches", "2",
-            "--trainer.precision", "32-true", "--data.tinyworld_docs", "600", "--data.seq_len", "128",
-            "--model.model_overrides", "{n_layer: 1, n_embd: 64, n_head: 2, n_kv_head: 1}",
-        ])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/pretrain/tiny.yaml"),
+                *QUIET,
+                "--trainer.max_steps",
+                "30",
+                "--trainer.val_check_interval",
+                "30",
+                "--trainer.limit_val_batches",
+                "2",
+                "--trainer.precision",
+                "32-true",
+                "--data.tinyworld_docs",
+                "600",
+                "--data.seq_len",
+                "128",
+                "--model.model_overrides",
+                "{n_layer: 1, n_embd: 64, n_head: 2, n_kv_head: 1}",
+            ]
+        )
     finally:
         os.chdir(cwd)
     return work / "checkpoints/pretrain/last.ckpt"
@@ -71,12 +87,30 @@ def sft_ckpt(pretrain_ckpt, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        main([
-            "fit", "--config", str(ROOT / "configs/sft/tinyworld.yaml"), *QUIET,
-            "--model.init_from", str(pretrain_ckpt), "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
-            "--trainer.precision", "32-true", "--data.tinyworld_train", "640", "--data.tinyworld_val", "64",
-            "--data.tinyworld_eval", "16", "--model.learning_rate", "0.003",
-        ])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/sft/tinyworld.yaml"),
+                *QUIET,
+                "--model.init_from",
+                str(pretrain_ckpt),
+                "--trainer.max_steps",
+                "40",
+                "--trainer.val_check_interval",
+                "20",
+                "--trainer.precision",
+                "32-true",
+                "--data.tinyworld_train",
+                "640",
+                "--data.tinyworld_val",
+                "64",
+                "--data.tinyworld_eval",
+                "16",
+                "--model.learning_rate",
+                "0.003",
+            ]
+        )
     finally:
         os.chdir(cwd)
     return work / "checkpoints/sft/last.ckpt"

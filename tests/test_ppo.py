@@ -27,15 +27,46 @@ def _scalars(logdir, tag):
 @pytest.mark.slow
 def test_ppo_learns_a_known_reward_with_bounded_kl(sft_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main([
-        "fit", "--config", str(ROOT / "configs/ppo/tinyworld.yaml"), *QUIET, "--trainer.precision", "32-true",
-        "--model.init_from", str(sft_ckpt), "--model.reward_model", "null", "--model.critic", "policy",
-        "--model.reward_fn", "tests.test_ppo:digit_one_bonus", "--model.learning_rate", "0.001",
-        "--model.critic_learning_rate", "0.001", "--model.kl_coef", "0.01", "--model.ppo_epochs", "2",
-        "--model.minibatch_size", "16", "--model.max_new_tokens", "8", "--trainer.limit_train_batches", "30",
-        "--trainer.val_check_interval", "30", "--trainer.log_every_n_steps", "1", "--data.batch_size", "32",
-        "--data.val_prompts", "16",
-    ])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/ppo/tinyworld.yaml"),
+            *QUIET,
+            "--trainer.precision",
+            "32-true",
+            "--model.init_from",
+            str(sft_ckpt),
+            "--model.reward_model",
+            "null",
+            "--model.critic",
+            "policy",
+            "--model.reward_fn",
+            "tests.test_ppo:digit_one_bonus",
+            "--model.learning_rate",
+            "0.001",
+            "--model.critic_learning_rate",
+            "0.001",
+            "--model.kl_coef",
+            "0.01",
+            "--model.ppo_epochs",
+            "2",
+            "--model.minibatch_size",
+            "16",
+            "--model.max_new_tokens",
+            "8",
+            "--trainer.limit_train_batches",
+            "30",
+            "--trainer.val_check_interval",
+            "30",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--data.batch_size",
+            "32",
+            "--data.val_prompts",
+            "16",
+        ]
+    )
     reward = _scalars(tmp_path / "checkpoints/logs/ppo", "ppo/reward_fn")
     kl = _scalars(tmp_path / "checkpoints/logs/ppo", "ppo/kl")
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5

@@ -14,9 +14,17 @@ from lit_llm.data.text import TextDataModule
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 FAST = [
-    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "1",
-    "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
-]  # fmt: skip
+    "--trainer.max_steps",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.val_check_interval",
+    "1",
+    "--trainer.precision",
+    "32-true",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -144,8 +152,22 @@ def test_export_then_start_a_stage_from_the_hf_folder(tmp_path, monkeypatch, cap
     with torch.no_grad():
         torch.testing.assert_close(ref(x).logits, ours.eval()(x), atol=1e-5, rtol=1e-5)
     # the folder starts a stage: continue pretraining from it
-    main(["fit", "--config", cfg, *FAST, "--data.tinyworld_docs", "200", "--data.seq_len", "64",
-          "--model.init_from", str(tmp_path / "hf"), "--trainer.default_root_dir", "again"])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            cfg,
+            *FAST,
+            "--data.tinyworld_docs",
+            "200",
+            "--data.seq_len",
+            "64",
+            "--model.init_from",
+            str(tmp_path / "hf"),
+            "--trainer.default_root_dir",
+            "again",
+        ]
+    )
     from lit_llm.checkpoint import read_meta
 
     assert read_meta("checkpoints/pretrain/last.ckpt")["model_config"]["n_layer"] == 1

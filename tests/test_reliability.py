@@ -31,8 +31,13 @@ from .conftest import QUIET, ROOT
 
 TINY = {"n_layer": 1, "n_embd": 64, "n_head": 2, "n_kv_head": 1}
 SMALL = [
-    "--data.tinyworld_docs", "200", "--data.seq_len", "64", "--model.model_overrides", str(TINY).replace("'", ""),
-]  # fmt: skip
+    "--data.tinyworld_docs",
+    "200",
+    "--data.seq_len",
+    "64",
+    "--model.model_overrides",
+    str(TINY).replace("'", ""),
+]
 PRECISIONS = ["32-true", "bf16-mixed", "bf16-true"]
 
 
@@ -71,14 +76,43 @@ def stage_ckpts(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        two = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-               "--trainer.precision", "32-true"]  # fmt: skip
+        two = [
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.precision",
+            "32-true",
+        ]
         _fit("pretrain/tiny.yaml", *two, *SMALL)
-        _fit("sft/tinyworld.yaml", *two, "--model.init_from", "checkpoints/pretrain/last.ckpt",
-             "--data.tinyworld_train", "64", "--data.tinyworld_val", "16", "--data.tinyworld_eval", "4",
-             "--data.batch_size", "8", "--data.seq_len", "64")  # fmt: skip
-        _fit("reward/tinyworld.yaml", *two, "--model.init_from", "checkpoints/sft/last.ckpt",
-             "--data.batch_size", "8", "--data.seq_len", "64")  # fmt: skip
+        _fit(
+            "sft/tinyworld.yaml",
+            *two,
+            "--model.init_from",
+            "checkpoints/pretrain/last.ckpt",
+            "--data.tinyworld_train",
+            "64",
+            "--data.tinyworld_val",
+            "16",
+            "--data.tinyworld_eval",
+            "4",
+            "--data.batch_size",
+            "8",
+            "--data.seq_len",
+            "64",
+        )
+        _fit(
+            "reward/tinyworld.yaml",
+            *two,
+            "--model.init_from",
+            "checkpoints/sft/last.ckpt",
+            "--data.batch_size",
+            "8",
+            "--data.seq_len",
+            "64",
+        )
     finally:
         os.chdir(cwd)
     return {s: work / f"checkpoints/{s}/last.ckpt" for s in ("pretrain", "sft", "reward")}
@@ -96,16 +130,51 @@ def _stage_args(stage: str, ckpts: dict[str, Path]) -> tuple[str, list[str]]:
     if stage == "pretrain":
         return "pretrain/tiny.yaml", [*two, *SMALL]
     if stage == "sft":
-        return "sft/tinyworld.yaml", [*two, "--model.init_from", str(ckpts["pretrain"]),
-            "--data.tinyworld_train", "64", "--data.tinyworld_val", "16", "--data.tinyworld_eval", "4",
-            "--data.batch_size", "8", "--data.seq_len", "64"]  # fmt: skip
+        return "sft/tinyworld.yaml", [
+            *two,
+            "--model.init_from",
+            str(ckpts["pretrain"]),
+            "--data.tinyworld_train",
+            "64",
+            "--data.tinyworld_val",
+            "16",
+            "--data.tinyworld_eval",
+            "4",
+            "--data.batch_size",
+            "8",
+            "--data.seq_len",
+            "64",
+        ]
     if stage == "reward":
-        return "reward/tinyworld.yaml", [*two, "--model.init_from", str(ckpts["sft"]), "--data.batch_size", "8",
-            "--data.seq_len", "64"]  # fmt: skip
-    return "ppo/tinyworld.yaml", ["--trainer.limit_train_batches", "2", "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "1", "--model.init_from", str(ckpts["sft"]), "--model.reward_model",
-        str(ckpts["reward"]), "--data.batch_size", "8", "--data.val_prompts", "8", "--model.minibatch_size", "8",
-        "--model.max_new_tokens", "4"]  # fmt: skip
+        return "reward/tinyworld.yaml", [
+            *two,
+            "--model.init_from",
+            str(ckpts["sft"]),
+            "--data.batch_size",
+            "8",
+            "--data.seq_len",
+            "64",
+        ]
+    return "ppo/tinyworld.yaml", [
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.init_from",
+        str(ckpts["sft"]),
+        "--model.reward_model",
+        str(ckpts["reward"]),
+        "--data.batch_size",
+        "8",
+        "--data.val_prompts",
+        "8",
+        "--model.minibatch_size",
+        "8",
+        "--model.max_new_tokens",
+        "4",
+    ]
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
@@ -148,9 +217,15 @@ def test_accumulation_matches_the_bigger_batch(tmp_path):
         dm = _data(tmp_path, batch_size=batch_size)
         rec = _GradsAndWeights()
         trainer = _quiet_trainer(
-            tmp_path, max_steps=1, accumulate_grad_batches=accumulate, gradient_clip_val=0.05, limit_val_batches=0,
-            callbacks=[rec], precision="32-true", enable_checkpointing=False,
-        )  # fmt: skip
+            tmp_path,
+            max_steps=1,
+            accumulate_grad_batches=accumulate,
+            gradient_clip_val=0.05,
+            limit_val_batches=0,
+            callbacks=[rec],
+            precision="32-true",
+            enable_checkpointing=False,
+        )
         trainer.fit(_model(dm, warmup_steps=0, learning_rate=1e-2), datamodule=dm)
         return rec
 
@@ -218,9 +293,22 @@ def test_stage_flags_apply_the_transforms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="aot_eager"))
-    cli = _fit("pretrain/tiny.yaml", *SMALL, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-               "--trainer.val_check_interval", "2", "--trainer.precision", "32-true", "--model.compile", "true",
-               "--model.activation_checkpointing", "true")  # fmt: skip
+    cli = _fit(
+        "pretrain/tiny.yaml",
+        *SMALL,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.precision",
+        "32-true",
+        "--model.compile",
+        "true",
+        "--model.activation_checkpointing",
+        "true",
+    )
     assert is_transformed(cli.model.model) == {"activation_checkpointing": True, "compile": True}
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     state = load_checkpoint(tmp_path / "checkpoints/pretrain/last.ckpt")["state_dict"]
@@ -236,9 +324,12 @@ def good_ckpt(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("good")
     dm = _data(work)
     trainer = _quiet_trainer(
-        work, max_steps=2, limit_val_batches=0, plugins=[AtomicCheckpointIO()],
+        work,
+        max_steps=2,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=work / "ckpt", save_last=True)],
-    )  # fmt: skip
+    )
     trainer.fit(_model(dm), datamodule=dm)
     return work / "ckpt/last.ckpt"
 
@@ -311,9 +402,12 @@ def test_full_disk_during_training_keeps_the_good_checkpoint(good_ckpt, tmp_path
     monkeypatch.setattr(torch, "save", full_disk)
     dm = _data(tmp_path)
     trainer = _quiet_trainer(
-        tmp_path, max_steps=2, limit_val_batches=0, plugins=[AtomicCheckpointIO()],
+        tmp_path,
+        max_steps=2,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=folder, save_last=True)],
-    )  # fmt: skip
+    )
     with pytest.raises(OSError, match=rf"disk full .* writing checkpoint {folder}.*\.ckpt"):
         trainer.fit(_model(dm, learning_rate=0.1), datamodule=dm)
     monkeypatch.undo()
@@ -358,9 +452,12 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     dm = _data(tmp_path)
     folder = tmp_path / "ckpt"
     trainer = _quiet_trainer(
-        tmp_path, max_steps=10, limit_val_batches=0, plugins=[AtomicCheckpointIO()],
+        tmp_path,
+        max_steps=10,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
         callbacks=[ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_last=True), _PoisonAt(5)],
-    )  # fmt: skip
+    )
     with pytest.raises(FloatingPointError, match=r"pretrain: loss is nan .* at step 5; stopping"):
         trainer.fit(_model(dm), datamodule=dm)
     last = load_checkpoint(folder / "last.ckpt")
@@ -407,13 +504,30 @@ def test_resumable_sampler_splits_global_batches_over_ranks():
 def _write_config(path: Path, **overrides) -> Path:
     """A self-contained pretraining config for the subprocess tests (CSV logs, checkpoints every 5 steps)."""
     trainer = {
-        "accelerator": "cpu", "devices": 1, "max_steps": 30, "precision": "32-true", "log_every_n_steps": 1,
-        "limit_val_batches": 0, "check_val_every_n_epoch": None, "gradient_clip_val": 1.0,
-        "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": "run",
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 30,
+        "precision": "32-true",
+        "log_every_n_steps": 1,
+        "limit_val_batches": 0,
+        "check_val_every_n_epoch": None,
+        "gradient_clip_val": 1.0,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": "run",
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
-        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-            "dirpath": "ckpt", "every_n_train_steps": 5, "save_last": True, "save_top_k": -1}}],
-    }  # fmt: skip
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": "ckpt",
+                    "every_n_train_steps": 5,
+                    "save_last": True,
+                    "save_top_k": -1,
+                },
+            }
+        ],
+    }
     trainer.update(overrides.pop("trainer", {}))
     model = {
         "preset": "tiny",
@@ -424,10 +538,11 @@ def _write_config(path: Path, **overrides) -> Path:
     data = {"source": "tinyworld", "tinyworld_docs": 200, "seq_len": 64, "batch_size": 16}
     data.update(overrides.pop("data", {}))
     config = {
-        "seed_everything": 0, "trainer": trainer,
+        "seed_everything": 0,
+        "trainer": trainer,
         "model": {"class_path": "lit_llm.stages.CausalLM", "init_args": model},
         "data": {"class_path": "lit_llm.data.text.TextDataModule", "init_args": data},
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -534,9 +649,12 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     splits every global batch over the ranks like DistributedSampler, so both see the same samples."""
     steps = 4
     trainer = {
-        "max_steps": steps, "limit_val_batches": 2, "val_check_interval": steps, "num_sanity_val_steps": 0,
+        "max_steps": steps,
+        "limit_val_batches": 2,
+        "val_check_interval": steps,
+        "num_sanity_val_steps": 0,
         "plugins": [{"class_path": "tests.test_reliability.RecordingCheckpointIO"}],
-    }  # fmt: skip
+    }
     model_fix = {"dropout": 0.0}
     runs = {}
     for name, devices, batch in (("single", 1, 8), ("ddp", 2, 4)):

@@ -63,8 +63,19 @@ def test_hh_dialogues_split_at_the_last_assistant_turn():
 def test_reward_model_learns_tinyworld_preferences(sft_ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cfg = str(ROOT / "configs/reward/tinyworld.yaml")
-    args = [*QUIET, "--model.init_from", str(sft_ckpt), "--trainer.precision", "32-true",
-            "--data.tinyworld_train", "1600", "--data.tinyworld_val", "128", "--model.learning_rate", "0.003"]  # fmt: skip
+    args = [
+        *QUIET,
+        "--model.init_from",
+        str(sft_ckpt),
+        "--trainer.precision",
+        "32-true",
+        "--data.tinyworld_train",
+        "1600",
+        "--data.tinyworld_val",
+        "128",
+        "--model.learning_rate",
+        "0.003",
+    ]
     main(["fit", "--config", cfg, *args, "--trainer.max_steps", "50", "--trainer.val_check_interval", "50"])
     ckpt = tmp_path / "checkpoints/reward/last.ckpt"
     capsys.readouterr()
@@ -154,10 +165,29 @@ def test_wrong_person_pairs_go_to_training_only():
 def test_two_step_tinyworld_recipe_chains(sft_ckpt, tmp_path, monkeypatch):
     """configs/reward/tinyworld-person.yaml, then tinyworld-long.yaml from its last.ckpt (by default)."""
     monkeypatch.chdir(tmp_path)
-    fast = [*QUIET, "--trainer.precision", "32-true", "--trainer.max_steps", "2",
-            "--trainer.val_check_interval", "2", "--data.tinyworld_train", "64", "--data.tinyworld_val", "16"]  # fmt: skip
-    main(["fit", "--config", str(ROOT / "configs/reward/tinyworld-person.yaml"), *fast,
-          "--model.init_from", str(sft_ckpt)])  # fmt: skip
+    fast = [
+        *QUIET,
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--data.tinyworld_train",
+        "64",
+        "--data.tinyworld_val",
+        "16",
+    ]
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/reward/tinyworld-person.yaml"),
+            *fast,
+            "--model.init_from",
+            str(sft_ckpt),
+        ]
+    )
     step1 = tmp_path / "checkpoints/reward-person/last.ckpt"
     assert step1.is_file()
     main(["fit", "--config", str(ROOT / "configs/reward/tinyworld-long.yaml"), *fast])

@@ -74,8 +74,10 @@ def test_packed_loss_equals_unpacked_loss(tok):
     model = Transformer(
         ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
     ).eval()
-    convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
-             for r in tinyworld.instructions(7)]  # fmt: skip
+    convs = [
+        [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+        for r in tinyworld.instructions(7)
+    ]
     examples = [tokenize_conversation(tok, c) for c in convs]
     rows = pack(examples, 256)
     assert len(rows) < len(examples)  # several conversations per row

@@ -169,8 +169,15 @@ def test_wrong_person_rate_draws_that_mistake_and_leaves_the_default_alone():
     shares = []
     for rate in (0.0, 0.3):
         pairs = preference_pairs(2000, "train", wrong_person_rate=rate)
-        shares.append(sum(p["chosen"].split()[0] != p["rejected"].split()[0] and "The answer is" in p["rejected"]
-                          and p["difficulty"] == 0 for p in pairs) / len(pairs))  # fmt: skip
+        shares.append(
+            sum(
+                p["chosen"].split()[0] != p["rejected"].split()[0]
+                and "The answer is" in p["rejected"]
+                and p["difficulty"] == 0
+                for p in pairs
+            )
+            / len(pairs)
+        )
     assert 0.02 < shares[0] < 0.09 and 0.3 < shares[1] < 0.4, shares
     with pytest.raises(ValueError, match="wrong_person_rate"):
         preference_pairs(1, wrong_person_rate=1.5)

@@ -311,9 +311,18 @@ def generate(
     """
     P = max(len(p) for p in prompts) if prompts else 0
     steps = _decode(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id, generator, use_cache,
+        model,
+        prompts,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        stop_tokens,
+        pad_id,
+        generator,
+        use_cache,
         compile,
-    )  # fmt: skip
+    )
     last = deque(steps, maxlen=1)  # run the decoder to the end, keep its final state
     if not last:  # max_new_tokens == 0
         ids, valid = left_pad(prompts, pad_id, model.embed_tokens.weight.device)

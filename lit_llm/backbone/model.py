@@ -106,9 +106,13 @@ class Transformer(nn.Module):
         """Recompute the RoPE frequencies in float32 (after building on the meta device or a dtype cast)."""
         c = self.config
         self.inv_freq = inv_frequencies(
-            c.head_dim, c.rope_theta, c.rope_scaling_factor, c.rope_low_freq_factor, c.rope_high_freq_factor,
+            c.head_dim,
+            c.rope_theta,
+            c.rope_scaling_factor,
+            c.rope_low_freq_factor,
+            c.rope_high_freq_factor,
             c.rope_original_max_seq_len,
-        ).to(self.inv_freq.device)  # fmt: skip
+        ).to(self.inv_freq.device)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(bfloat16) / .half() / bf16-true would round the frequencies too (angle errors that grow with

@@ -99,9 +99,18 @@ class PreferenceDataModule(SFTDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(source=source, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
-                         skip_bad_records=skip_bad_records, val_fraction=val_fraction, tinyworld_train=tinyworld_train,
-                         tinyworld_val=tinyworld_val, seed=seed, num_workers=num_workers)  # fmt: skip
+        super().__init__(
+            source=source,
+            tokenizer=tokenizer,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            skip_bad_records=skip_bad_records,
+            val_fraction=val_fraction,
+            tinyworld_train=tinyworld_train,
+            tinyworld_val=tinyworld_val,
+            seed=seed,
+            num_workers=num_workers,
+        )
         self.kind = "pairs"
         if not 0.0 <= tinyworld_wrong_person <= 1.0:
             raise ValueError(f"tinyworld_wrong_person must be in [0, 1], got {tinyworld_wrong_person}")
@@ -114,8 +123,10 @@ class PreferenceDataModule(SFTDataModule):
             world = tinyworld.WorldConfig(seed=self.seed)
 
             def get(split: str, n: int, wrong_person: float = 0.0) -> list[tuple]:
-                return [([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"])
-                        for p in tinyworld.preference_pairs(n, split, world, wrong_person)]  # fmt: skip
+                return [
+                    ([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"])
+                    for p in tinyworld.preference_pairs(n, split, world, wrong_person)
+                ]
 
             return get("train", n_train, self.wrong_person), get("val", n_val)
         return self._split_records(lambda rec: [split_pair(rec)])
@@ -142,8 +153,13 @@ class PreferenceDataModule(SFTDataModule):
 
     def _loader(self, examples: list[Pair], shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_id
-        return DataLoader(examples, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_pairs(b, pad))  # fmt: skip
+        return DataLoader(
+            examples,
+            self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=lambda b: collate_pairs(b, pad),
+        )
 
     def eval_prompts(self) -> list[dict[str, Any]]:
         return []

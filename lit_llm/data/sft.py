@@ -247,10 +247,20 @@ class SFTDataModule(LightningDataModule):
         pad = self.tokenizer.pad_id
         if self.pack:
             rows = pack(examples, self.seq_len)
-            return DataLoader(rows, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                              collate_fn=lambda b: collate_packed(b, self.seq_len, pad))  # fmt: skip
-        return DataLoader(examples, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=lambda b: collate_padded(b, pad))  # fmt: skip
+            return DataLoader(
+                rows,
+                self.batch_size,
+                shuffle=shuffle,
+                num_workers=self.num_workers,
+                collate_fn=lambda b: collate_packed(b, self.seq_len, pad),
+            )
+        return DataLoader(
+            examples,
+            self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=lambda b: collate_padded(b, pad),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, shuffle=True)

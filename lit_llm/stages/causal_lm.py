@@ -66,8 +66,11 @@ class CausalLM(Stage):
             if exp is not None and hasattr(exp, "add_histogram"):
                 for i, row in enumerate(load):
                     # one sample per expert, weighted by its share: a histogram over expert ids
-                    exp.add_histogram(f"moe_load/layer{i}", torch.repeat_interleave(
-                        torch.arange(E), (row * 1000).round().long().cpu()), self.global_step)  # fmt: skip
+                    exp.add_histogram(
+                        f"moe_load/layer{i}",
+                        torch.repeat_interleave(torch.arange(E), (row * 1000).round().long().cpu()),
+                        self.global_step,
+                    )
 
     def sample_texts(self, max_new_tokens: int = 48) -> list[tuple[str, str]]:
         """(prompt, greedy continuation) for each sample prompt."""

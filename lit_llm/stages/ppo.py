@@ -157,8 +157,9 @@ class PPOModule(Stage):
 
     def configure_optimizers(self):
         hp = self.hparams
-        policy = torch.optim.AdamW(self.model.parameters(), lr=hp.learning_rate, betas=tuple(hp.betas),
-                                   weight_decay=hp.weight_decay)  # fmt: skip
+        policy = torch.optim.AdamW(
+            self.model.parameters(), lr=hp.learning_rate, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        )
         critic = torch.optim.AdamW(
             self.critic.parameters(), lr=hp.critic_learning_rate, betas=tuple(hp.betas)
         )
@@ -195,8 +196,16 @@ class PPOModule(Stage):
         hp, tok = self.hparams, self.tokenizer
         self.model.eval()
         t0 = time.perf_counter()
-        out = generate(self.model, [tok.prompt_ids(r["prompt"]) for r in records], hp.max_new_tokens,
-                       hp.temperature, hp.top_k, hp.top_p, stop_tokens=[tok.end_id, tok.eos_id], pad_id=tok.pad_id)  # fmt: skip
+        out = generate(
+            self.model,
+            [tok.prompt_ids(r["prompt"]) for r in records],
+            hp.max_new_tokens,
+            hp.temperature,
+            hp.top_k,
+            hp.top_p,
+            stop_tokens=[tok.end_id, tok.eos_id],
+            pad_id=tok.pad_id,
+        )
         gen_time = time.perf_counter() - t0
         self.model.train()
         # clone: generate() runs in inference mode, and autograd may not save inference tensors
@@ -215,13 +224,28 @@ class PPOModule(Stage):
         scores = scores - hp.missing_eos_penalty * (~ended).float()
         if hp.whiten_rewards and len(scores) > 1:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8)
-        rewards, kl = rl.compute_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value,
-                                         hp.kl_estimator, hp.score_clip)  # fmt: skip
+        rewards, kl = rl.compute_rewards(
+            scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, hp.kl_estimator, hp.score_clip
+        )
         advantages, returns = rl.gae(rewards, values, mask, hp.gamma, hp.lam)
         advantages = rl.masked_whiten(advantages, mask)
-        return dict(seq=seq, valid=valid, P=P, resp=resp, mask=mask, logprobs=logprobs, values=values,
-                    advantages=advantages, returns=returns, kl=kl, scores=raw_scores, parts=parts, replies=replies,
-                    gen_time=gen_time, ended=ended)  # fmt: skip
+        return dict(
+            seq=seq,
+            valid=valid,
+            P=P,
+            resp=resp,
+            mask=mask,
+            logprobs=logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+            kl=kl,
+            scores=raw_scores,
+            parts=parts,
+            replies=replies,
+            gen_time=gen_time,
+            ended=ended,
+        )
 
     def training_step(self, records: list[dict], batch_idx: int) -> None:
         hp = self.hparams
@@ -236,13 +260,15 @@ class PPOModule(Stage):
                 seq, valid, mask = ro["seq"][idx], ro["valid"][idx], ro["mask"][idx]
                 logits = self._response_logits(self.model, seq, valid, ro["P"])
                 logprobs = rl.logprobs_from_logits(logits, ro["resp"][idx])
-                pg_loss, pg_stats = rl.policy_loss(logprobs, ro["logprobs"][idx], ro["advantages"][idx], mask,
-                                                   hp.clip_eps)  # fmt: skip
+                pg_loss, pg_stats = rl.policy_loss(
+                    logprobs, ro["logprobs"][idx], ro["advantages"][idx], mask, hp.clip_eps
+                )
                 entropy = rl.masked_mean(rl.entropy_from_logits(logits), mask)
                 loss = pg_loss - hp.entropy_coef * entropy
                 values = self.critic.values(seq, valid)[:, ro["P"] - 1 : -1]
-                vf_loss, vf_stats = rl.value_loss(values, ro["values"][idx], ro["returns"][idx], mask,
-                                                  hp.value_clip_eps)  # fmt: skip
+                vf_loss, vf_stats = rl.value_loss(
+                    values, ro["values"][idx], ro["returns"][idx], mask, hp.value_clip_eps
+                )
                 if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
                     raise FloatingPointError(
                         f"ppo: non-finite loss at step {self.global_step} (policy {loss.item()}, value "
@@ -259,8 +285,13 @@ class PPOModule(Stage):
                 )
                 policy_opt.step()
                 critic_opt.step()
-                for k, v in {**pg_stats, **vf_stats, "policy_loss": pg_loss, "value_loss": vf_loss,
-                             "entropy": entropy}.items():  # fmt: skip
+                for k, v in {
+                    **pg_stats,
+                    **vf_stats,
+                    "policy_loss": pg_loss,
+                    "value_loss": vf_loss,
+                    "entropy": entropy,
+                }.items():
                     stats.setdefault(k, []).append(v.detach().float())
                 if hp.target_kl_stop is not None and pg_stats["approx_kl"] > hp.target_kl_stop:
                     stop = True
@@ -275,17 +306,21 @@ class PPOModule(Stage):
         self.kl_ctl.update(float(kl_seq), B * self.trainer.world_size)
         step_time = time.perf_counter() - t0
         log = {f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
-        log.update({
-            "ppo/score": ro["scores"].mean(),
-            "ppo/kl": kl_seq,
-            "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
-            "ppo/response_len": mask.sum(-1).mean(),
-            "ppo/ended_fraction": ro["ended"].float().mean(),
-            "ppo/explained_variance": torch.tensor(rl.explained_variance(ro["values"], ro["returns"], mask)),
-            "ppo/early_stop": torch.tensor(float(stop)),
-            "perf/rollout_tokens_per_sec": mask.sum() / ro["gen_time"],
-            "perf/generate_fraction": torch.tensor(ro["gen_time"] / step_time),
-        })  # fmt: skip
+        log.update(
+            {
+                "ppo/score": ro["scores"].mean(),
+                "ppo/kl": kl_seq,
+                "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
+                "ppo/response_len": mask.sum(-1).mean(),
+                "ppo/ended_fraction": ro["ended"].float().mean(),
+                "ppo/explained_variance": torch.tensor(
+                    rl.explained_variance(ro["values"], ro["returns"], mask)
+                ),
+                "ppo/early_stop": torch.tensor(float(stop)),
+                "perf/rollout_tokens_per_sec": mask.sum() / ro["gen_time"],
+                "perf/generate_fraction": torch.tensor(ro["gen_time"] / step_time),
+            }
+        )
         for k, v in ro["parts"].items():
             log[f"ppo/{k}"] = v.float().mean()
         self.log_dict({k: v.to(self.device).float() for k, v in log.items()}, on_step=True, sync_dist=True)
@@ -294,8 +329,9 @@ class PPOModule(Stage):
 
     # -------------------------------------------------------------------------------------- validation
     def validation_step(self, records: list[dict], batch_idx: int) -> None:
-        replies = chat_completions(self.model, self.tokenizer, [r["prompt"] for r in records],
-                                   self.hparams.eval_max_new_tokens)  # fmt: skip
+        replies = chat_completions(
+            self.model, self.tokenizer, [r["prompt"] for r in records], self.hparams.eval_max_new_tokens
+        )
         _, parts = self._scores(records, replies)
         for k, v in parts.items():
             name = "gold_reward" if k == "gold" else k
