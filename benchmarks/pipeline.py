@@ -16,7 +16,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from lit_llm.pipeline import run
+from lit_llm.cli.pipeline import main as run
 
 
 def main() -> None:

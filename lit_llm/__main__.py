@@ -1,3 +1,3 @@
-from lit_llm.cli import main
+from lit_llm.cli import console_main
 
-main()
+console_main()

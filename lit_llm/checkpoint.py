@@ -14,19 +14,20 @@ Every stage stores, under ``checkpoint["lit_llm"]``, the ``ModelConfig`` (as a p
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import pickle
 import re
-import secrets
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lit_llm.atomic import atomic_save, atomic_save_many  # noqa: F401 - re-exported for callers
+from lit_llm.backbone import ModelConfig, Transformer
+from lit_llm.errors import CheckpointError
+from lit_llm.tokenizer import Tokenizer
 
 META_KEY = "lit_llm"
 
@@ -39,7 +40,7 @@ def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only
             raise
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         what = f" ({found.group(1)})" if found else ""
-        raise ValueError(
+        raise CheckpointError(
             f"refusing to load checkpoint {path}: it contains a pickled Python object{what}, which could run "
             "code when loaded. lit_llm reads checkpoints with torch.load(weights_only=True): tensors and plain "
             "containers only. If you trust the file, load it with torch.load(path, weights_only=False) and "
@@ -57,7 +58,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the path and the likely cause
-        raise ValueError(
+        raise CheckpointError(
             f"could not read checkpoint {path} (truncated or not a torch checkpoint?): {err}"
         ) from err
 
@@ -66,84 +67,95 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``lit_llm`` metadata of a checkpoint: ``model_config``, ``tokenizer``, ``stage``."""
     ckpt = load_checkpoint(path)
     if META_KEY not in ckpt:
-        raise ValueError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
+        raise CheckpointError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
     return ckpt[META_KEY]
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a lit_llm ``.ckpt``, of a Hugging Face folder, or a ``tokenizer.json``."""
+    if str(path).endswith(".ckpt"):
+        tok = read_meta(path).get("tokenizer")
+        if not tok:
+            raise CheckpointError(f"{path} carries no tokenizer")
+        return Tokenizer.from_str(tok)
+    return Tokenizer.load(path)
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """The backbone, tokenizer and metadata stored in a lit_llm checkpoint (read with ``weights_only``),
+    or in a Hugging Face Llama / Llama 4 folder (``config.json`` + safetensors, e.g. from ``lit-llm export``).
+
+    The model comes back in training mode with gradients on, as a stage wants it; see
+    :func:`load_for_inference` for a frozen model.
+    """
+    if Path(path).is_dir():
+        from lit_llm.hf import import_hf
+
+        if not (Path(path) / "config.json").is_file():
+            raise CheckpointError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        model, tok = import_hf(path)
+        if tok is None:
+            raise CheckpointError(f"{path}: its tokenizer lacks lit_llm's special tokens; stages need them")
+        return model.train(), tok, {"stage": "hf", "model_config": model.config.to_dict()}
+    ckpt = load_checkpoint(path)
+    if META_KEY not in ckpt:
+        raise CheckpointError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
+    meta = ckpt[META_KEY]
+    config = ModelConfig.from_dict(meta["model_config"])
+    model = Transformer(config)
+    prefix = meta.get("backbone_prefix", "model.")
+    missing, unexpected = model.load_state_dict(model_state(ckpt, prefix), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model, Tokenizer.from_str(meta["tokenizer"]), meta
+
+
+# stages whose checkpoints hold a chat policy (``hf``: an exported folder)
+CHAT_STAGES = ("sft", "ppo", "grpo", "dpo", "hf")
+# stages whose backbone generates text at all (a reward model's backbone was trained to score, not to write)
+GENERATIVE_STAGES = ("pretrain", *CHAT_STAGES)
+
+
+def load_for_inference(
+    path: str | os.PathLike,
+    precision: Literal["32", "bf16", "int8"] = "32",
+    stages: tuple[str, ...] = GENERATIVE_STAGES,
+) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """A frozen model (eval mode, no gradients) in the requested precision, its tokenizer and metadata.
+
+    Args:
+        path: A lit_llm ``.ckpt`` or an exported Hugging Face folder.
+        precision: ``32`` (float32), ``bf16``, or ``int8`` weight-only quantisation with bfloat16 activations.
+        stages: The kinds of checkpoint the caller can use; any other is refused, naming what it is.
+    """
+    from lit_llm.backbone.quantize import quantize_int8
+
+    model, tok, meta = load_backbone(path)
+    stage = meta.get("stage")
+    if stage not in stages:
+        hint = {
+            "reward": "a reward model scores replies, it does not write them",
+            "pretrain": "a pretrained model has not learned the chat template (use lit-llm generate)",
+        }.get(stage, "")
+        raise CheckpointError(
+            f"{path} is a {stage!r} checkpoint; this command needs one of {list(stages)}"
+            + (f": {hint}" if hint else "")
+        )
+    model.eval().requires_grad_(False)
+    if precision != "32":
+        model.to(torch.bfloat16)
+    if precision == "int8":
+        quantize_int8(model)
+    return model, tok, meta
 
 
 def model_state(ckpt: dict[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
     """The backbone weights of a Lightning checkpoint (keys under ``prefix``, prefix stripped)."""
     state = ckpt["state_dict"]
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike, save: Callable[[Any, Any], None] | None = None) -> None:
-    """``save(obj, file)`` (default ``torch.save``) to ``path`` atomically: temp file in the same folder,
-    fsync, ``os.replace``.
-
-    Either the new file is complete at ``path`` or ``path`` is as it was: a crash, kill or full disk during
-    the write never leaves a truncated checkpoint behind. A full disk raises ``OSError(ENOSPC)`` naming the
-    file; other write errors are re-raised with the file name added.
-    """
-    atomic_save_many([(obj, path, save)])
-
-
-def atomic_save_many(items: list[tuple[Any, str | os.PathLike, Callable[[Any, Any], None] | None]]) -> None:
-    """:func:`atomic_save` for several files that belong together (an exported model folder).
-
-    Every file is first written in full to a temp file next to its target; only when all of them are written
-    are they renamed into place. A full disk or another write error therefore leaves every target as it was
-    (the renames themselves do not allocate space).
-    """
-    staged: list[tuple[Path, Path]] = []
-    path = Path(items[0][1]) if items else Path()
-    try:
-        for obj, target, save in items:
-            save = save or torch.save
-            path = Path(target)  # the file being written, named by any error below
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # a unique name next to the target (same file system, so the rename is atomic); mode
-            # 0o666 & ~umask, as for any new file (tempfile.mkstemp would make it private to this user)
-            tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException as err:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = "the previous checkpoint there is untouched" if path.exists() else "nothing was written"
-            raise OSError(
-                err.errno,
-                f"disk full (no space left on device) while writing checkpoint {path}; {kept}. Free space "
-                "or save elsewhere (ModelCheckpoint dirpath / trainer.default_root_dir)",
-                str(path),
-            ) from err
-        if isinstance(err, OSError):
-            raise OSError(
-                err.errno, f"could not write checkpoint {path}: {err.strerror or err}", str(path)
-            ) from err
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
-    for folder in {path.parent for _, path in staged}:
-        _fsync_dir(folder)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

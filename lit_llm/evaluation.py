@@ -1,4 +1,4 @@
-"""Scoring a chat policy on held-out prompts with a gold reward (tinyworld's exact answer)."""
+"""Using trained models on text: a chat policy's replies, their gold score, a reward model's scores."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lit_llm.backbone.generate import generate
+from lit_llm.backbone.generate import generate, left_pad
+from lit_llm.backbone.heads import ScalarHeadModel
 from lit_llm.backbone.model import Transformer
-from lit_llm.data.tinyworld import gold_reward
+from lit_llm.checkpoint import load_backbone, load_checkpoint
+from lit_llm.errors import CheckpointError
 from lit_llm.tokenizer import Tokenizer
 
 
@@ -46,13 +48,48 @@ def gold_score(
     model: Transformer,
     tok: Tokenizer,
     records: Sequence[dict],
-    reward: Callable[[str, str], float] = gold_reward,
+    scorer: Callable[[dict, str], float],
     max_new_tokens: int = 48,
     temperature: float = 0.0,
 ) -> tuple[float, list[str]]:
-    """Mean gold reward of greedy (or sampled) replies to ``records`` (``[{"prompt", "answer"}]``), and the replies."""
+    """Mean ``scorer(record, reply)`` of greedy (or sampled) replies to ``records`` (``[{"prompt", ...}]``),
+    and the replies. ``scorer`` comes with the data (e.g. ``lit_llm.data.tinyworld.gold_score``)."""
     replies = chat_completions(
         model, tok, [r["prompt"] for r in records], max_new_tokens, temperature=temperature
     )
-    scores = [reward(r["answer"], reply) for r, reply in zip(records, replies)]
+    scores = [scorer(r, reply) for r, reply in zip(records, replies)]
     return sum(scores) / max(1, len(scores)), replies
+
+
+class RewardModel(ScalarHeadModel):
+    """A trained reward model, usable on its own: ``RewardModel.load(ckpt).score(tok, prompts, responses)``."""
+
+    @classmethod
+    def load(cls, path: str) -> tuple[RewardModel, Tokenizer]:
+        """The reward model of a ``reward`` stage checkpoint (backbone + ``value_head``), in eval mode."""
+        backbone, tok, meta = load_backbone(path)
+        if meta.get("stage") != "reward":
+            raise CheckpointError(f"{path} is a {meta.get('stage')!r} checkpoint, not a reward model")
+        rm = cls(backbone)
+        state = load_checkpoint(path)["state_dict"]
+        head = {k[len("value_head.") :]: v for k, v in state.items() if k.startswith("value_head.")}
+        if not head:
+            raise CheckpointError(f"{path} has no value_head weights")
+        rm.value_head.load_state_dict(head)
+        return rm.eval(), tok
+
+    @torch.no_grad()
+    def score(
+        self, tok: Tokenizer, prompts: Sequence[str], responses: Sequence[str], max_len: int | None = None
+    ) -> torch.Tensor:
+        """Rewards ``(N,)`` of (prompt, response) pairs, rendered with the chat template (the last ``max_len``
+        tokens kept, as in training)."""
+        max_len = max_len or self.model.config.block_size
+        seqs = [
+            tok.render_chat([{"role": "user", "content": p}, {"role": "assistant", "content": r}])[0][
+                -max_len:
+            ]
+            for p, r in zip(prompts, responses)
+        ]
+        ids, valid = left_pad(seqs, tok.pad_id, self.value_head.weight.device)
+        return self(ids, valid)

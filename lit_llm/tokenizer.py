@@ -23,6 +23,8 @@ from typing import Literal
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lit_llm.atomic import atomic_write
+
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 UNK = "<|unk|>"
 ROLES = ("system", "user", "assistant")
@@ -94,25 +96,21 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a ``tokenizer.json``, a folder holding one, or a lit_llm ``.ckpt`` that carries one."""
+        """Load a ``tokenizer.json`` or a folder holding one (a checkpoint's: ``checkpoint.load_tokenizer``)."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.exists():
             raise FileNotFoundError(f"tokenizer not found: {path}")
         if path.suffix == ".ckpt":
-            from lit_llm.checkpoint import read_meta
-
-            return cls.from_str(read_meta(path)["tokenizer"])
+            raise ValueError(
+                f"{path} is a checkpoint: read its tokenizer with lit_llm.checkpoint.load_tokenizer"
+            )
         return cls(HFTokenizer.from_file(str(path)))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` atomically (a half-written file never replaces a good one)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_str(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, self.to_str())
 
     # ------------------------------------------------------------------------------------------------ use
     @property
@@ -128,9 +126,6 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
-
-    def token_str(self, i: int) -> str:
-        return self.tok.id_to_token(i)
 
     # ------------------------------------------------------------------------------------------------ chat
     def render_chat(

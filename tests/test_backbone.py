@@ -176,7 +176,7 @@ def test_sampling_filters():
 @pytest.mark.parametrize("tie,gqa", [(True, 2), (False, 4), (False, 1)])
 def test_logits_match_hf_llama(tie, gqa):
     transformers = pytest.importorskip("transformers")
-    from lit_llm.backbone.hf import from_hf_llama
+    from lit_llm.hf import from_hf
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
@@ -194,7 +194,7 @@ def test_logits_match_hf_llama(tie, gqa):
     )
     ref = transformers.LlamaForCausalLM(hf_cfg).eval()
     ref.generation_config.eos_token_id = None  # decode the full length, as ours does without stop tokens
-    ours = from_hf_llama(ref).eval()
+    ours = from_hf(ref).eval()
     x = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x).logits, atol=1e-5, rtol=1e-5)

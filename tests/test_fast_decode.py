@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lit_llm.backbone import Transformer
-from lit_llm.backbone.generate import attention_mask, generate
+from lit_llm.backbone.generate import generate
+from lit_llm.backbone.masks import padding_mask as attention_mask
 from lit_llm.backbone.quantize import Int8Linear, quantize_int8, quantize_weight
 from tests.test_backbone import LLAMA4_KINDS, WINDOW_KINDS, tiny
 

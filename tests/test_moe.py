@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lit_llm.backbone import ModelConfig, Transformer, count_active_parameters, count_parameters
-from lit_llm.backbone.attention import local_attention_mask, rms_normalize, temperature_scales
+from lit_llm.backbone.attention import rms_normalize, temperature_scales
+from lit_llm.backbone.masks import local_mask as local_attention_mask
 from lit_llm.backbone.moe import (
     MoE,
     expert_load,

@@ -145,7 +145,7 @@ def test_export_then_start_a_stage_from_the_hf_folder(tmp_path, monkeypatch, cap
     main(["export", "--ckpt", "checkpoints/pretrain/last.ckpt", "--out", "hf"])
     assert "exported to" in capsys.readouterr().out
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    from lit_llm.stages.base import load_backbone
+    from lit_llm.checkpoint import load_backbone
 
     ours, tok, _ = load_backbone("checkpoints/pretrain/last.ckpt")
     x = torch.tensor([tok.encode("Alice has 3 apples.")])

@@ -9,12 +9,15 @@ import torch
 
 from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.backbone.heads import ScalarHeadModel
+from lit_llm.backbone.masks import last_token_index
+from lit_llm.checkpoint import load_backbone
 from lit_llm.cli import main
 from lit_llm.data.preference import collate_pairs, render_pair, split_pair
-from lit_llm.data.sft import IGNORE, tokenize_conversation
-from lit_llm.rl import last_token_index
-from lit_llm.stages.base import load_backbone
-from lit_llm.stages.reward import RewardModel, RewardModule, bradley_terry_loss
+from lit_llm.data.sft import tokenize_conversation
+from lit_llm.evaluation import RewardModel
+from lit_llm.losses import IGNORE_INDEX as IGNORE
+from lit_llm.losses import bradley_terry_loss
+from lit_llm.stages.reward import RewardModule
 
 from .conftest import QUIET, ROOT
 
@@ -154,7 +157,7 @@ def test_wrong_person_pairs_go_to_training_only():
     from lit_llm.data.preference import PreferenceDataModule
 
     dm = PreferenceDataModule(tinyworld_train=200, tinyworld_val=50, tinyworld_wrong_person=1.0)
-    train, val = dm.triples()
+    train, val = dm.items()
     want_train = tinyworld.preference_pairs(200, "train", wrong_person_rate=1.0)
     assert [t[2] for t in train] == [p["rejected"] for p in want_train]
     assert [t[2] for t in val] == [p["rejected"] for p in tinyworld.preference_pairs(50, "val")]

@@ -13,14 +13,14 @@ from lit_llm.cli import main
 from lit_llm.data import tinyworld
 from lit_llm.data.formats import RecordError, to_conversations
 from lit_llm.data.sft import (
-    IGNORE,
     SFTDataModule,
     collate_packed,
     collate_padded,
     pack,
     tokenize_conversation,
 )
-from lit_llm.stages.sft import masked_lm_loss
+from lit_llm.losses import IGNORE_INDEX as IGNORE
+from lit_llm.losses import masked_lm_loss
 from lit_llm.tokenizer import Tokenizer
 
 

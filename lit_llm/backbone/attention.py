@@ -4,7 +4,7 @@ Llama 4 ("iRoPE") mixes two kinds of attention layer:
 
 - *local* layers use RoPE, may RMS-normalise queries and keys (``qk_norm``), and may restrict each query to
   its own chunk of positions (``attention_chunk_size``) or to a sliding window (``sliding_window``); the
-  restriction itself arrives as the boolean mask the model builds (see ``local_attention_mask``);
+  restriction itself arrives as the boolean mask the model builds (see ``lit_llm.backbone.masks.local_mask``);
 - *global* NoPE layers (every ``nope_every``-th) have no position encoding at all and see the whole causal
   context; their queries may be sharpened with position (``attn_temperature_tuning``).
 """
@@ -38,30 +38,6 @@ def temperature_scales(positions: torch.Tensor, floor_scale: float, attn_scale: 
     """
     steps = torch.floor((positions.to(torch.float32) + 1.0) / floor_scale)
     return torch.log1p(steps) * attn_scale + 1.0
-
-
-def local_attention_mask(
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    chunk_size: int | None,
-    window: int | None,
-) -> torch.Tensor:
-    """Which keys a local layer allows, by position: boolean ``(B, 1, T, S)``.
-
-    Args:
-        q_pos: Query positions ``(B, T)``.
-        k_pos: Key positions ``(B, S)``.
-        chunk_size: Keep keys in the query's chunk, ``k_pos // chunk_size == q_pos // chunk_size``.
-        window: Keep keys less than ``window`` positions back, ``q_pos - k_pos < window``.
-
-    Causality is not part of this mask: the caller intersects it with the causal (and padding) mask.
-    """
-    ok = torch.ones(q_pos.shape[0], q_pos.shape[1], k_pos.shape[1], dtype=torch.bool, device=q_pos.device)
-    if chunk_size is not None:
-        ok = ok & ((q_pos[:, :, None] // chunk_size) == (k_pos[:, None, :] // chunk_size))  # (B, T, S)
-    if window is not None:
-        ok = ok & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
-    return ok[:, None]  # (B, 1, T, S)
 
 
 class Attention(nn.Module):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_llm.backbone.cache import KVCache
+from lit_llm.backbone.masks import padding_mask, positions_from_padding
 from lit_llm.backbone.model import Transformer
 
 
@@ -25,13 +26,15 @@ def logits_to_probs(
     Args:
         logits: Unnormalised scores for the next token.
         temperature: Divides the logits; must be positive here (greedy decoding does not call this).
-        top_k: Keep only the ``k`` most likely tokens.
-        top_p: Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``.
+        top_k: Keep only the ``k`` most likely tokens (``None`` or 0: off, as in Hugging Face).
+        top_p: Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``
+            (``None`` or 1: off).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive for sampling, got {temperature} (use 0 for greedy)")
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("temperature 0 means greedy decoding: take the argmax instead of sampling")
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -42,6 +45,16 @@ def logits_to_probs(
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that have no meaning (instead of NaN probabilities or a crash later)."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
 def sample(
@@ -69,24 +82,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
         ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=device)
         valid[i, P - len(p) :] = True
     return ids, valid
-
-
-def attention_mask(
-    key_valid: torch.Tensor, q_start: int, q_len: int, n_keys: int | None = None
-) -> torch.Tensor:
-    """Boolean ``(B, 1, q_len, S)`` mask: causal, padded keys hidden, self always visible.
-
-    ``S = n_keys`` (all slots of a :class:`~lit_llm.backbone.cache.StaticKVCache`; later slots are hidden as
-    future ones) or, by default, ``q_start + q_len``. A padded query would otherwise see no key at all (a NaN
-    row in softmax); letting every position see itself keeps the arithmetic finite, and a padded position's
-    output is never used.
-    """
-    S = q_start + q_len if n_keys is None else n_keys
-    q_pos = torch.arange(q_start, q_start + q_len, device=key_valid.device)[:, None]  # (q_len, 1)
-    k_pos = torch.arange(S, device=key_valid.device)[None, :]  # (1, S)
-    mask = (k_pos <= q_pos)[None] & key_valid[:, None, :S]  # (B, q_len, S)
-    mask = mask | (k_pos == q_pos)[None]
-    return mask[:, None]
 
 
 @dataclass
@@ -213,6 +208,7 @@ def _decode(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(token (B,), was_live (B,), ids_so_far, valid_so_far)`` after each new token."""
     _check_compile(model, compile, use_cache)
+    check_sampling(temperature, top_k, top_p)
     compile, frozen = bool(compile), compile == "frozen"
     device = model.embed_tokens.weight.device
     ids, valid = left_pad(prompts, pad_id, device)
@@ -222,7 +218,7 @@ def _decode(
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds block_size")
     ids = torch.cat([ids, torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)], 1)
     valid = torch.cat([valid, torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)], 1)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # real tokens count 0, 1, 2, ...
+    positions = positions_from_padding(valid)  # real tokens count 0, 1, 2, ...
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     live = torch.ones(B, dtype=torch.bool, device=device)
     # float32 keys/values on CPU whatever the weights' dtype: its bfloat16 attention kernel is several times
@@ -243,7 +239,7 @@ def _decode(
         # prefill, eager: it runs once per call and its shape changes with the prompt length
         n_visible = cache.visible if compile else None
         logits = _next_token_logits(
-            model, ids[:, :P], positions[:, :P], attention_mask(valid, 0, P, n_visible), cache
+            model, ids[:, :P], positions[:, :P], padding_mask(valid, 0, P, n_visible), cache
         )
         if compile:
             cache.index = torch.zeros(1, dtype=torch.long, device=device)  # one slot per step from now on
@@ -262,13 +258,13 @@ def _decode(
                 return
             if cache is None:  # recompute the whole sequence
                 logits = _next_token_logits(
-                    model, ids[:, : t + 1], positions[:, : t + 1], attention_mask(valid, 0, t + 1), None
+                    model, ids[:, : t + 1], positions[:, : t + 1], padding_mask(valid, 0, t + 1), None
                 )
                 continue
             if compile:
                 cache.index.fill_(t)
                 cache.visible = n_visible = _bucket(t + 1, n_keys)
-            mask = attention_mask(valid, t, 1, n_visible)
+            mask = padding_mask(valid, t, 1, n_visible)
             # fresh (B, 1) tensors rather than views into ids/positions: a compiled step sees the same layout
             logits = step_logits(model, tok[:, None], positions[:, t : t + 1].clone(), mask, cache)
     finally:  # also when the caller stops iterating early

@@ -11,9 +11,10 @@ import math
 import torch
 from torch import nn
 
-from lit_llm.backbone.attention import Attention, local_attention_mask
+from lit_llm.backbone.attention import Attention
 from lit_llm.backbone.cache import KVCache, StaticKVCache
 from lit_llm.backbone.config import ModelConfig
+from lit_llm.backbone.masks import causal_mask, local_mask
 from lit_llm.backbone.mlp import GeluMLP, SwiGLU
 from lit_llm.backbone.moe import Experts, MoE
 from lit_llm.backbone.norm import build_norm
@@ -166,9 +167,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         if attn_mask is None and cache is not None and (start > 0 or T > 1):
-            # causal over absolute positions: query start+i sees keys 0..start+i
-            q_pos = torch.arange(start, start + T, device=idx.device)[:, None]
-            attn_mask = (torch.arange(start + T, device=idx.device)[None, :] <= q_pos)[None, None]
+            attn_mask = causal_mask(T, start, device=idx.device)  # query start+i sees keys 0..start+i
         if self.pos_embed is not None and int(positions.max()) >= self.config.block_size:
             raise ValueError(f"position {int(positions.max())} exceeds block_size={self.config.block_size}")
         x = self.embed_tokens(idx)  # (B, T, C)
@@ -193,12 +192,10 @@ class Transformer(nn.Module):
         key_pos = cache.update_positions(positions) if cache is not None else positions  # (B, S)
         if attn_mask is None:  # causal by index over the keys
             T, S = positions.shape[1], key_pos.shape[1]
-            q_idx = torch.arange(S - T, S, device=positions.device)[:, None]
-            attn_mask = (torch.arange(S, device=positions.device)[None, :] <= q_idx)[None, None]
-        local = local_attention_mask(
+            attn_mask = causal_mask(T, S - T, device=positions.device)
+        return attn_mask & local_mask(
             positions, key_pos, self.config.attention_chunk_size, self.config.sliding_window
         )
-        return attn_mask & local
 
     def forward(
         self,

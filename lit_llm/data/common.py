@@ -1,15 +1,17 @@
-"""Pieces shared by the DataModules: reading local files and Hugging Face datasets, cache paths, tokenizers."""
+"""Pieces shared by the DataModules: reading local files and Hugging Face datasets, cache keys, the
+train/validation rule, importing user functions."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import json
-import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lit_llm.tokenizer import Tokenizer
+from lit_llm.errors import DataError, UserError
 
 
 def read_text_file(path: Path) -> str:
@@ -88,13 +90,29 @@ def file_stamp(source: str) -> Any:
     return [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else source
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def split_train_val(
+    items: list, val_fraction: float, source: str, what: str = "records"
+) -> tuple[list, list]:
+    """The one train/validation rule of every record dataset: the last ``max(1, int(n * val_fraction))``
+    items are held out, the rest train. Reproducible (no shuffling) and never leaves either side empty.
+
+    Raises:
+        DataError: With fewer than two items (naming the source and what was counted).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(items) < 2:
+        raise DataError(f"{source}: {len(items)} usable {what}; need at least 2 (train + validation)")
+    n_val = max(1, int(len(items) * val_fraction))
+    return items[:-n_val], items[-n_val:]
 
 
-def load_tokenizer(source: str) -> Tokenizer:
-    """A tokenizer from a ``tokenizer.json``, a folder holding one, or a lit_llm ``.ckpt``."""
-    return Tokenizer.load(source)
+def import_function(spec: str) -> Callable:
+    """``"package.module:function"`` -> the function (reward functions, gold scorers)."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise UserError(f"a function must be given as 'package.module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"cannot import function {spec!r}: {err}") from err

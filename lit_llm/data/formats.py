@@ -11,13 +11,15 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from lit_llm.errors import DataError
+
 Format = Literal["auto", "messages", "alpaca", "prompt_completion", "hh"]
 Message = dict[str, str]
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A record that cannot be turned into a conversation; the message names the record."""
 
 

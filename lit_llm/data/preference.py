@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from lit_llm.data import tinyworld
+from lit_llm.data.base import BUILTIN, RecordDataModule
 from lit_llm.data.formats import Message, RecordError, parse_hh
-from lit_llm.data.sft import IGNORE, SFTDataModule
+from lit_llm.errors import DataError
+from lit_llm.losses import IGNORE_INDEX
 from lit_llm.tokenizer import Tokenizer
 
 Pair = tuple[list[int], list[int], list[bool]]  # chosen ids, rejected ids, chosen's trained-on mask
@@ -59,14 +60,14 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         valid[i, : len(s)] = True
-    labels = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
+    labels = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
     for i, (c, _, mask) in enumerate(pairs):
-        labels[i, : len(c) - 1] = torch.tensor([t if m else IGNORE for t, m in zip(c[1:], mask[1:])])
+        labels[i, : len(c) - 1] = torch.tensor([t if m else IGNORE_INDEX for t, m in zip(c[1:], mask[1:])])
     return {"input_ids": ids, "valid": valid, "chosen_labels": labels}
 
 
-class PreferenceDataModule(SFTDataModule):
-    """Chosen/rejected pairs for reward modelling (tokenizer, source and split options as in SFT).
+class PreferenceDataModule(RecordDataModule):
+    """Chosen/rejected pairs for reward modelling (and preference optimisation).
 
     Args:
         source: ``tinyworld``, a local ``.jsonl``/``.json``/``.parquet`` (``.gz`` allowed) or ``hf:<dataset>``.
@@ -85,9 +86,11 @@ class PreferenceDataModule(SFTDataModule):
         num_workers: DataLoader workers.
     """
 
+    kind = "pairs"
+
     def __init__(
         self,
-        source: str = "tinyworld",
+        source: str = BUILTIN,
         tokenizer: str | None = None,
         seq_len: int = 256,
         batch_size: int = 32,
@@ -100,41 +103,30 @@ class PreferenceDataModule(SFTDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(
-            source=source,
-            tokenizer=tokenizer,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            skip_bad_records=skip_bad_records,
-            val_fraction=val_fraction,
-            tinyworld_train=tinyworld_train,
-            tinyworld_val=tinyworld_val,
-            seed=seed,
-            num_workers=num_workers,
+            source, tokenizer, batch_size, val_fraction, skip_bad_records, None, seed, num_workers
         )
-        self.kind = "pairs"
         if not 0.0 <= tinyworld_wrong_person <= 1.0:
             raise ValueError(f"tinyworld_wrong_person must be in [0, 1], got {tinyworld_wrong_person}")
-        self.wrong_person = tinyworld_wrong_person
+        self.seq_len, self.wrong_person = seq_len, tinyworld_wrong_person
+        self.tinyworld_sizes = (tinyworld_train, tinyworld_val)
 
-    def triples(self) -> tuple[list[tuple], list[tuple]]:
+    def builtin_items(self) -> tuple[list, list]:
         """(train, validation) lists of (prompt messages, chosen, rejected)."""
-        if self.source == "tinyworld":
-            n_train, n_val, _ = self.tinyworld_sizes
-            world = tinyworld.WorldConfig(seed=self.seed)
+        n_train, n_val = self.tinyworld_sizes
 
-            def get(split: str, n: int, wrong_person: float = 0.0) -> list[tuple]:
-                return [
-                    ([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"])
-                    for p in tinyworld.preference_pairs(n, split, world, wrong_person)
-                ]
+        def get(split: str, n: int, wrong_person: float = 0.0) -> list[tuple]:
+            pairs = tinyworld.preference_pairs(n, split, self.world, wrong_person)
+            return [([{"role": "user", "content": p["prompt"]}], p["chosen"], p["rejected"]) for p in pairs]
 
-            return get("train", n_train, self.wrong_person), get("val", n_val)
-        return self._split_records(lambda rec: [split_pair(rec)])
+        return get("train", n_train, self.wrong_person), get("val", n_val)
 
-    def _tokenize(self, triples: list[tuple], split: str) -> list[Pair]:
+    def convert_record(self, record: dict[str, Any]) -> list:
+        return [split_pair(record)]
+
+    def tokenize(self, items: list[tuple], split: str) -> list[Pair]:
         tok, out = self.tokenizer, []
         identical = cut = 0
-        for prompt, chosen, rejected in triples:
+        for prompt, chosen, rejected in items:
             if chosen.strip() == rejected.strip():
                 identical += 1
                 continue
@@ -145,21 +137,8 @@ class PreferenceDataModule(SFTDataModule):
         self.stats[f"{split}_identical_dropped"] = identical
         self.stats[f"{split}_truncated"] = cut
         if not out:
-            raise ValueError(f"no usable {split} pairs in {self.source}")
+            raise DataError(f"no usable {split} pairs in {self.source}")
         return out
 
-    def items(self) -> tuple[list, list]:
-        return self.triples()
-
-    def _loader(self, examples: list[Pair], shuffle: bool) -> DataLoader:
-        pad = self.tokenizer.pad_id
-        return DataLoader(
-            examples,
-            self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=lambda b: collate_pairs(b, pad),
-        )
-
-    def eval_prompts(self) -> list[dict[str, Any]]:
-        return []
+    def collate(self, examples: list[Pair]) -> dict[str, torch.Tensor]:
+        return collate_pairs(examples, self.tokenizer.pad_id)

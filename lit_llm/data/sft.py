@@ -8,27 +8,28 @@ other and positions restart at 0 for each, so the packed loss equals the unpacke
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
-from lightning import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lit_llm.backbone.masks import packed_mask, positions_from_segments
 from lit_llm.data import tinyworld
-from lit_llm.data.common import read_records
-from lit_llm.data.formats import Format, RecordError, to_conversations
+from lit_llm.data.base import BUILTIN, RecordDataModule, is_builtin, prompt_record
+from lit_llm.data.common import read_records, split_train_val
+from lit_llm.data.formats import Format, to_conversations
+from lit_llm.errors import DataError
+from lit_llm.losses import IGNORE_INDEX
 from lit_llm.tokenizer import Tokenizer
 
-IGNORE = -100
 Example = tuple[list[int], list[int]]  # (input ids, labels) of one conversation, already shifted
 
 
 def tokenize_conversation(tok: Tokenizer, conv: list[dict]) -> Example:
     """Inputs ``ids[:-1]`` and next-token labels ``ids[1:]`` (``-100`` where the target is not trained)."""
     ids, mask = tok.render_chat(conv)
-    labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
     return ids[:-1], labels
 
 
@@ -36,7 +37,7 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tens
     """Right-pad to the longest example: ``input_ids``, ``labels`` ``(B, T)``."""
     T = max(len(x) for x, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for i, (x, y) in enumerate(examples):
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)
@@ -63,31 +64,31 @@ def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
 def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Packed rows: ``input_ids``, ``labels``, ``positions`` ``(B, T)`` and ``attn_mask`` ``(B, 1, T, T)``.
 
-    The mask is block-diagonal causal: a token sees earlier tokens of its own conversation only. Filler at
-    the end of a row attends to itself (no NaN) and has no label.
+    The mask is block-diagonal causal (:func:`~lit_llm.backbone.masks.packed_mask`): a token sees earlier
+    tokens of its own conversation only, and positions restart at 0 with each conversation. Filler at the
+    end of a row attends to itself (no NaN) and has no label.
     """
     B, T = len(rows), seq_len
     ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    positions = torch.zeros((B, T), dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((B, T), -1, dtype=torch.long)
     for b, row in enumerate(rows):
         start = 0
         for s, (x, y) in enumerate(row):
             n = len(x)
             ids[b, start : start + n] = torch.tensor(x)
             labels[b, start : start + n] = torch.tensor(y)
-            positions[b, start : start + n] = torch.arange(n)
-            segment[b, start : start + n] = s
+            segments[b, start : start + n] = s
             start += n
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
-    real = (segment >= 0)[:, None, :]
-    mask = (causal & same & real) | torch.eye(T, dtype=torch.bool)
-    return {"input_ids": ids, "labels": labels, "positions": positions, "attn_mask": mask[:, None]}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "positions": positions_from_segments(segments),
+        "attn_mask": packed_mask(segments),
+    }
 
 
-class SFTDataModule(LightningDataModule):
+class SFTDataModule(RecordDataModule):
     """Instruction / chat data for SFT.
 
     Args:
@@ -102,16 +103,21 @@ class SFTDataModule(LightningDataModule):
         skip_bad_records: Skip (and count) malformed records instead of stopping at the first one.
         val_fraction: Held-out share of a local/HF dataset.
         system_prompt: Optional system message put before every conversation without one.
+        gold_fn: Scorer ``"module:function"`` of held-out replies, ``(record, reply) -> float``; on tinyworld
+            the exact-answer check (logged as ``val/exact_match``). With a file source, the held-out
+            conversations' first user turns are the prompts and their records go to the scorer.
         tinyworld_train: Number of tinyworld training instructions.
         tinyworld_val: Number of tinyworld validation instructions.
-        tinyworld_eval: Held-out tinyworld prompts scored by exact answer (greedy generation) each validation.
+        tinyworld_eval: Held-out prompts scored by ``gold_fn`` (greedy generation) at each validation.
         seed: Seed of the tinyworld generator.
         num_workers: DataLoader workers.
     """
 
+    kind = "conversations"
+
     def __init__(
         self,
-        source: str = "tinyworld",
+        source: str = BUILTIN,
         tokenizer: str | None = None,
         format: Format = "auto",
         seq_len: int = 256,
@@ -121,92 +127,51 @@ class SFTDataModule(LightningDataModule):
         skip_bad_records: bool = False,
         val_fraction: float = 0.1,
         system_prompt: str | None = None,
+        gold_fn: str | None = None,
         tinyworld_train: int = 4000,
         tinyworld_val: int = 200,
         tinyworld_eval: int = 100,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        self.source, self.tokenizer_path, self.format = source, tokenizer, format
-        self.seq_len, self.batch_size, self.pack = seq_len, batch_size, pack
-        self.too_long, self.skip_bad_records, self.val_fraction = too_long, skip_bad_records, val_fraction
-        self.system_prompt, self.seed, self.num_workers = system_prompt, seed, num_workers
+        super().__init__(
+            source, tokenizer, batch_size, val_fraction, skip_bad_records, gold_fn, seed, num_workers
+        )
+        self.format, self.seq_len, self.pack, self.too_long = format, seq_len, pack, too_long
+        self.system_prompt = system_prompt
         self.tinyworld_sizes = (tinyworld_train, tinyworld_val, tinyworld_eval)
-        self.kind = "conversations"
-        self._tokenizer: Tokenizer | None = None
-        self.stats: dict[str, int] = {}
-        self.train_examples: list[Example] = []
-        self.val_examples: list[Example] = []
+        self._eval_records: list[dict] = []
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            if self.tokenizer_path is None:
-                raise ValueError(
-                    "this stage needs the tokenizer of the model it starts from: set --model.init_from to a "
-                    "checkpoint (the CLI passes it on as --data.tokenizer) or --data.tokenizer to a tokenizer.json"
-                )
-            self._tokenizer = Tokenizer.load(self.tokenizer_path)
-        return self._tokenizer
+    def builtin_items(self) -> tuple[list, list]:
+        n_train, n_val, _ = self.tinyworld_sizes
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        def convs(split: str, n: int) -> list[list[dict]]:
+            return [
+                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+                for r in tinyworld.instructions(n, split, self.world)
+            ]
 
-    # ------------------------------------------------------------------------------------------ records
-    def conversations(self) -> tuple[list[list[dict]], list[list[dict]]]:
-        """(train, validation) conversations, malformed records handled by ``skip_bad_records``."""
-        if self.source == "tinyworld":
-            n_train, n_val, _ = self.tinyworld_sizes
-            world = tinyworld.WorldConfig(seed=self.seed)
+        return convs("train", n_train), convs("val", n_val)
 
-            def convs(split: str, n: int) -> list[list[dict]]:
-                return [
-                    [
-                        {"role": "user", "content": r["prompt"]},
-                        {"role": "assistant", "content": r["response"]},
-                    ]
-                    for r in tinyworld.instructions(n, split, world)
-                ]
-
-            return convs("train", n_train), convs("val", n_val)
-        return self._split_records(lambda rec: to_conversations(rec, self.format))
-
-    def _split_records(self, convert: Callable[[dict], list]) -> tuple[list, list]:
-        """Convert every record of ``source`` (a record may give several items) and split train/validation.
-
-        Malformed records stop with an error naming the record, or are skipped and counted when
-        ``skip_bad_records`` is set.
-        """
-        records = read_records(self.source)
-        out: list = []
-        bad = 0
-        for i, rec in enumerate(records):
-            try:
-                out.extend(convert(rec))
-            except (RecordError, KeyError, TypeError) as err:
-                if not self.skip_bad_records:
-                    raise RecordError(
-                        f"{self.source}, record {i}: {err} (pass --data.skip_bad_records true to skip such records)"
-                    ) from err
-                bad += 1
-        self.stats["bad_records_skipped"] = bad
-        if len(out) < 2:
-            raise ValueError(f"{self.source}: {len(out)} usable {self.kind}; need at least 2 (train + val)")
-        n_val = max(1, int(len(out) * self.val_fraction))
-        return out[:-n_val], out[-n_val:]
+    def convert_record(self, record: dict[str, Any]) -> list:
+        return to_conversations(record, self.format)
 
     def eval_prompts(self) -> list[dict[str, Any]]:
-        """Held-out prompts with a gold answer (tinyworld only): ``[{"prompt", "answer"}, ...]``."""
-        if self.source != "tinyworld":
+        """Held-out prompts for ``gold_reward``: tinyworld's, or the held-out records of a file."""
+        if self.gold_reward is None:
             return []
-        return tinyworld.rl_prompts(self.tinyworld_sizes[2], "val", tinyworld.WorldConfig(seed=self.seed))
+        n = self.tinyworld_sizes[2]
+        if is_builtin(self.source):
+            return tinyworld.rl_prompts(n, "val", self.world)
+        if not self._eval_records:
+            _, val = split_train_val(read_records(self.source), self.val_fraction, self.source)
+            self._eval_records = [prompt_record(r) for r in val[:n]]
+        return self._eval_records
 
-    def _tokenize(self, convs: list[list[dict]], split: str) -> list[Example]:
+    def tokenize(self, items: list[list[dict]], split: str) -> list[Example]:
         tok, out = self.tokenizer, []
         dropped = truncated = 0
-        for conv in convs:
+        for conv in items:
             if self.system_prompt and conv[0]["role"] != "system":
                 conv = [{"role": "system", "content": self.system_prompt}, *conv]
             x, y = tokenize_conversation(tok, conv)
@@ -215,7 +180,7 @@ class SFTDataModule(LightningDataModule):
                     dropped += 1
                     continue
                 x, y = x[: self.seq_len], y[: self.seq_len]
-                if all(t == IGNORE for t in y):
+                if all(t == IGNORE_INDEX for t in y):
                     dropped += 1
                     continue
                 truncated += 1
@@ -223,47 +188,19 @@ class SFTDataModule(LightningDataModule):
         self.stats[f"{split}_too_long_dropped"] = dropped
         self.stats[f"{split}_truncated"] = truncated
         if not out:
-            raise ValueError(
+            raise DataError(
                 f"no {split} conversation fits seq_len={self.seq_len}; raise seq_len or use too_long=truncate"
             )
         return out
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_examples:
-            return
-        train, val = self.items()
-        self.train_examples = self._tokenize(train, "train")
-        self.val_examples = self._tokenize(val, "val")
-        rank_zero_info(
-            f"{type(self).__name__}: {len(self.train_examples)} train / {len(self.val_examples)} val {self.kind}; "
-            + ", ".join(f"{k}={v}" for k, v in self.stats.items())
-        )
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return collate_padded(examples, self.tokenizer.pad_id)
 
-    def items(self) -> tuple[list, list]:
-        """(train, validation) items to tokenize: conversations here."""
-        return self.conversations()
-
-    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
-        pad = self.tokenizer.pad_id
-        if self.pack:
-            rows = pack(examples, self.seq_len)
-            return DataLoader(
-                rows,
-                self.batch_size,
-                shuffle=shuffle,
-                num_workers=self.num_workers,
-                collate_fn=lambda b: collate_packed(b, self.seq_len, pad),
-            )
+    def _loader(self, examples: list, shuffle: bool, **kwargs: Any) -> DataLoader:
+        if not self.pack:
+            return super()._loader(examples, shuffle, **kwargs)
+        collate = partial(collate_packed, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id)
+        rows = pack(examples, self.seq_len)
         return DataLoader(
-            examples,
-            self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=lambda b: collate_padded(b, pad),
+            rows, self.batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_examples, shuffle=False)

@@ -16,8 +16,12 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lit_llm.atomic import atomic_save, atomic_write
+from lit_llm.checkpoint import load_tokenizer
 from lit_llm.data import tinyworld
-from lit_llm.data.common import atomic_write_text, file_stamp, fingerprint, read_records, read_text_file
+from lit_llm.data.base import BUILTIN, is_builtin
+from lit_llm.data.common import file_stamp, fingerprint, read_records, read_text_file, split_train_val
+from lit_llm.errors import DataError
 from lit_llm.tokenizer import Tokenizer
 
 
@@ -63,7 +67,7 @@ class TextDataModule(LightningDataModule):
 
     def __init__(
         self,
-        source: str = "tinyworld",
+        source: str = BUILTIN,
         tokenizer: str | None = None,
         tokenizer_kind: Literal["bpe", "char"] = "bpe",
         tokenizer_vocab_size: int = 512,
@@ -95,7 +99,7 @@ class TextDataModule(LightningDataModule):
             tinyworld_docs,
             seed,
         )
-        slug = Path(source).stem if source != "tinyworld" else "tinyworld"
+        slug = BUILTIN if is_builtin(source) else Path(source).stem
         self.cache = Path(cache_dir) / f"{slug.replace(':', '_')}-{key}"
         self._tokenizer: Tokenizer | None = None
         self.train_set: PackedDataset | None = None
@@ -104,7 +108,7 @@ class TextDataModule(LightningDataModule):
     # ------------------------------------------------------------------------------------------ corpus
     def _texts(self) -> tuple[list[str], list[str]]:
         """(train documents, validation documents)."""
-        if self.source == "tinyworld":
+        if is_builtin(self.source):
             world = tinyworld.WorldConfig(seed=self.seed)
             n_val = max(1, int(self.tinyworld_docs * self.val_fraction))
             return (
@@ -118,11 +122,8 @@ class TextDataModule(LightningDataModule):
         records = read_records(self.source)
         docs = [r[self.text_field] for r in records if isinstance(r.get(self.text_field), str)]
         if not docs:
-            raise ValueError(f"{self.source}: no records with a string field {self.text_field!r}")
-        n_val = max(1, int(len(docs) * self.val_fraction))
-        if len(docs) < 2:
-            raise ValueError(f"{self.source}: need at least 2 documents to split train/validation")
-        return docs[:-n_val], docs[-n_val:]
+            raise DataError(f"{self.source}: no records with a string field {self.text_field!r}")
+        return split_train_val(docs, self.val_fraction, self.source, "documents")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -130,7 +131,7 @@ class TextDataModule(LightningDataModule):
         if self._tokenizer is None:
             path = self.cache / "tokenizer.json"
             if self.tokenizer_path is not None:
-                self._tokenizer = Tokenizer.load(self.tokenizer_path)
+                self._tokenizer = load_tokenizer(self.tokenizer_path)
             elif path.exists():
                 self._tokenizer = Tokenizer.load(path)
             else:
@@ -138,6 +139,13 @@ class TextDataModule(LightningDataModule):
                 self._tokenizer = Tokenizer.train(train, self.tokenizer_kind, self.tokenizer_vocab_size)
                 self._tokenizer.save(path)
         return self._tokenizer
+
+    def sample_prompts(self) -> list[str]:
+        """Texts the sample callback continues: tinyworld's, or the first words of two validation documents."""
+        if is_builtin(self.source):
+            return list(tinyworld.SAMPLE_PROMPTS)
+        _, val = self._texts()
+        return [" ".join(doc.split()[:4]) for doc in val[:2] if doc.strip()]
 
     @property
     def vocab_size(self) -> int:
@@ -159,16 +167,14 @@ class TextDataModule(LightningDataModule):
                 ids.extend(enc)
                 ids.append(tok.eos_id)
             if len(ids) <= self.seq_len:
-                raise ValueError(
+                raise DataError(
                     f"the {split} split of {self.source} has {len(ids)} tokens, fewer than one sequence of "
                     f"seq_len + 1 = {self.seq_len + 1}; use more data or a shorter seq_len"
                 )
             arr = np.asarray(ids, dtype=dtype)
-            tmp = self.cache / f"{split}.bin.tmp"
-            arr.tofile(tmp)
-            tmp.replace(self.cache / f"{split}.bin")
+            atomic_save(arr, self.cache / f"{split}.bin", lambda a, f: f.write(a.tobytes()))
             meta[f"{split}_tokens"] = len(arr)
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+        atomic_write(meta_path, json.dumps(meta, indent=2))
 
     def setup(self, stage: str | None = None) -> None:
         meta = json.loads((self.cache / "meta.json").read_text())
@@ -176,7 +182,7 @@ class TextDataModule(LightningDataModule):
             tokens = np.memmap(self.cache / f"{split}.bin", dtype=meta["dtype"], mode="r")
             ds = PackedDataset(tokens, self.seq_len)
             if len(ds) == 0:
-                raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1")
+                raise DataError(f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1")
             setattr(self, f"{split}_set", ds)
 
     def train_dataloader(self) -> DataLoader:

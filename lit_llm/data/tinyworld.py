@@ -510,3 +510,15 @@ def gold_reward(answer: str, response: str) -> float:
     """1.0 if the answer extracted from ``response`` equals ``answer`` after normalisation, else 0.0."""
     predicted = extract_answer(response)
     return 1.0 if predicted is not None and predicted == normalize_answer(answer) else 0.0
+
+
+def gold_score(record: dict, response: str) -> float:
+    """The gold reward as a scorer of ``(record, response)``: is ``record["answer"]`` what the reply says?
+
+    This is the signature every scorer of the data layer has (``reward_fn`` / ``gold_fn`` of the RL stages).
+    """
+    return gold_reward(record["answer"], response)
+
+
+SAMPLE_PROMPTS = ("Alice is in the", "Bob has 3")
+"""Texts a pretraining run on tinyworld continues in its TensorBoard samples."""

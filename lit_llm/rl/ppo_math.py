@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lit_llm.backbone.masks import last_token_index
+
 KLKind = Literal["k1", "k2", "k3"]
 
 _WHITEN_EPS = 1e-8
@@ -149,30 +151,6 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLKind = "k1") -> 
         # expm1 keeps precision when log_ratio is close to 0.
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"Unknown KL estimator kind {kind!r}; expected 'k1', 'k2' or 'k3'.")
-
-
-def last_token_index(mask: Tensor) -> Tensor:
-    """Index of the last real token of every row.
-
-    Args:
-        mask: 1/``True`` on real tokens, 0/``False`` on padding, shape ``(B, T)``.
-
-    Returns:
-        Long tensor of shape ``(B,)``.
-
-    Raises:
-        ValueError: If some row has no real token at all.
-    """
-    keep = mask.bool()
-    empty = ~keep.any(dim=1)
-    if bool(empty.any()):
-        rows = empty.nonzero().flatten().tolist()
-        raise ValueError(
-            f"Every response must contain at least one token, but mask rows {rows} are all padding "
-            f"(mask shape {tuple(mask.shape)})."
-        )
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(keep)
-    return torch.where(keep, positions, torch.full_like(positions, -1)).amax(dim=1)
 
 
 def compute_rewards(

@@ -4,6 +4,7 @@ storing config and tokenizer in checkpoints, AdamW with weight-decay groups, war
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,36 +12,11 @@ import torch
 from lightning import LightningModule
 
 from lit_llm.backbone import ModelConfig, Transformer
-from lit_llm.checkpoint import META_KEY, load_checkpoint, model_state
+from lit_llm.checkpoint import META_KEY, load_backbone
+from lit_llm.errors import CheckpointError
 from lit_llm.tokenizer import Tokenizer
 
 RNG_KEY = "lit_llm_rng"
-
-
-def load_backbone(path: str) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """The backbone, tokenizer and metadata stored in a lit_llm checkpoint (read with ``weights_only``),
-    or in a Hugging Face Llama / Llama 4 folder (``config.json`` + safetensors, e.g. from ``lit-llm export``)."""
-    if Path(path).is_dir():
-        from lit_llm.backbone.hf import import_hf
-
-        model, tok = import_hf(path)
-        if tok is None:
-            raise ValueError(f"{path}: its tokenizer lacks lit_llm's special tokens; stages need them")
-        return model.train(), tok, {"stage": "hf", "model_config": model.config.to_dict()}
-    ckpt = load_checkpoint(path)
-    if META_KEY not in ckpt:
-        raise ValueError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
-    meta = ckpt[META_KEY]
-    config = ModelConfig.from_dict(meta["model_config"])
-    model = Transformer(config)
-    prefix = meta.get("backbone_prefix", "model.")
-    missing, unexpected = model.load_state_dict(model_state(ckpt, prefix), strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not fit its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    return model, Tokenizer.from_str(meta["tokenizer"]), meta
 
 
 class Stage(LightningModule):
@@ -82,19 +58,19 @@ class Stage(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer: Tokenizer | None = None
-        self.parent_stage: str | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         if init_from is not None:
-            self.model, self.tokenizer, meta = load_backbone(init_from)
-            self.parent_stage = meta.get("stage")
+            self.model, self.tokenizer, _ = load_backbone(init_from)
             cfg = self.model.config
             if vocab_size is not None and vocab_size != cfg.vocab_size:
-                raise ValueError(
+                raise CheckpointError(
                     f"the data's tokenizer has {vocab_size} tokens but {init_from} was trained with "
                     f"{cfg.vocab_size}: use the checkpoint's tokenizer (data.tokenizer={init_from})"
                 )
             if block_size is not None and block_size > cfg.block_size and cfg.pos == "learned":
-                raise ValueError(f"seq_len {block_size} exceeds the checkpoint's block_size {cfg.block_size}")
+                raise CheckpointError(
+                    f"seq_len {block_size} exceeds the checkpoint's block_size {cfg.block_size}"
+                )
         else:
             overrides = dict(model_overrides or {})
             if vocab_size is not None:
@@ -143,20 +119,22 @@ class Stage(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(META_KEY)
         if meta is None:
-            raise ValueError(
+            raise CheckpointError(
                 "not a lit_llm checkpoint (no 'lit_llm' entry); was it written by another program?"
             )
         theirs = ModelConfig.from_dict(meta["model_config"])
         diff = self.config.diff(theirs)
         if diff:
             lines = ", ".join(f"{k}: run has {a!r}, checkpoint has {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"checkpoint was written by a different model config ({lines})")
+            raise CheckpointError(f"checkpoint was written by a different model config ({lines})")
         if (
             meta.get("tokenizer")
             and self.tokenizer is not None
             and meta["tokenizer"] != self.tokenizer.to_str()
         ):
-            raise ValueError("checkpoint was written with a different tokenizer than this run's data uses")
+            raise CheckpointError(
+                "checkpoint was written with a different tokenizer than this run's data uses"
+            )
         if meta.get("tokenizer") and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
         self._rng_to_restore = checkpoint.get(RNG_KEY)
@@ -191,23 +169,46 @@ class Stage(LightningModule):
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for _, p in self.trainable_parameters():
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": hp.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        opt = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas))
+        opt = torch.optim.AdamW(
+            param_groups(self.named_parameters(), hp.weight_decay), lr=hp.learning_rate, betas=tuple(hp.betas)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler(opt), "interval": "step"}}
+
+    def lr_scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at the run's last step."""
+        hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, max(total - 1, 0))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, total, hp.min_lr_ratio))
+
+    def data_hook(self, name: str, default: Any = None) -> Any:
+        """What the DataModule provides for this stage (``eval_prompts``, ``gold_reward``, ...), or ``default``.
+
+        Dataset knowledge (held-out prompts, gold scorers, sample texts) lives with the data, so a stage runs
+        on any dataset that provides it.
+        """
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return getattr(dm, name, default) if dm is not None else default
+
+
+def param_groups(
+    named: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (``ndim >= 2``), none on norms, biases and other vectors.
+
+    Frozen parameters are left out; a parameter shared by several modules (a tied embedding) appears once.
+    """
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for _, p in named:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:

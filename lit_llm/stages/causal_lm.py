@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
 from lit_llm.backbone.moe import expert_load, moe_aux_losses, moe_layers, update_moe_biases
+from lit_llm.losses import next_token_loss
 from lit_llm.stages.base import Stage
 
 
@@ -14,7 +14,7 @@ class CausalLM(Stage):
     """Next-token cross-entropy on packed text; logs loss, perplexity and learning rate.
 
     Args:
-        sample_prompts: Texts the sample callback continues (defaults fit tinyworld).
+        sample_prompts: Texts the sample callback continues; by default the DataModule's ``sample_prompts()``.
         moe_bias_rate: Step size of the auxiliary-loss-free router bias update (MoE models built with
             ``moe_bias_update``). MoE models also add the load-balancing and router z-losses to the training
             objective, weighted by ``moe_aux_loss_coef`` / ``moe_z_loss_coef`` (logged under ``moe/``).
@@ -28,13 +28,13 @@ class CausalLM(Stage):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.moe_bias_rate = moe_bias_rate
-        self.sample_prompts = sample_prompts or ["Alice is in the", "Bob has 3"]
+        self.sample_prompts = sample_prompts
         self.val_ppl = Perplexity()
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch  # (B, T) inputs and next-token targets
         logits = self.model(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss = next_token_loss(logits, y)
         on_step = stage == "train"
         self.log(
             f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step
@@ -76,7 +76,18 @@ class CausalLM(Stage):
         """(prompt, greedy continuation) for each sample prompt."""
         from lit_llm.backbone.generate import generate
 
+        if self.sample_prompts is None:
+            provider = self.data_hook("sample_prompts")
+            self.sample_prompts = list(provider()) if provider is not None else []
+        texts = [p for p in self.sample_prompts if p]
+        if not texts:
+            return []
         tok = self.tokenizer
-        prompts = [tok.encode(p) for p in self.sample_prompts]
-        out = generate(self.model, prompts, max_new_tokens, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
-        return [(p, tok.decode(r)) for p, r in zip(self.sample_prompts, out.response_lists())]
+        out = generate(
+            self.model,
+            [tok.encode(p) for p in texts],
+            max_new_tokens,
+            stop_tokens=[tok.eos_id],
+            pad_id=tok.pad_id,
+        )
+        return [(p, tok.decode(r)) for p, r in zip(texts, out.response_lists())]

@@ -8,7 +8,6 @@ The math lives in ``lit_llm.rl``; this module only orchestrates and logs.
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -18,29 +17,25 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lit_llm import rl
 from lit_llm.backbone.generate import generate
-from lit_llm.backbone.heads import ScalarHeadModel, padding_mask, positions_from_valid
-from lit_llm.data import tinyworld
-from lit_llm.evaluation import chat_completions
-from lit_llm.stages.base import Stage, load_backbone
-from lit_llm.stages.reward import RewardModel
+from lit_llm.backbone.heads import ScalarHeadModel
+from lit_llm.backbone.masks import padding_mask, positions_from_padding
+from lit_llm.checkpoint import load_backbone
+from lit_llm.data.common import import_function
+from lit_llm.errors import UserError
+from lit_llm.evaluation import RewardModel, chat_completions
+from lit_llm.stages.base import Stage
 
 RewardFn = Callable[[dict, str], float]
 
 
-def tinyworld_gold(record: dict, response: str) -> float:
-    """tinyworld's gold reward: 1 if the response states the record's answer, else 0."""
-    return tinyworld.gold_reward(record["answer"], response)
+_RENAMED = {"lit_llm.stages.ppo:tinyworld_gold": "lit_llm.data.tinyworld:gold_score"}
 
 
 def import_reward_fn(spec: str) -> RewardFn:
     """``"package.module:function"`` -> the function ``(record, response) -> float``."""
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"reward_fn must look like 'package.module:function', got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import reward function {spec!r}: {err}") from err
+    if spec in _RENAMED:
+        raise UserError(f"{spec} was renamed: use {_RENAMED[spec]}")
+    return import_function(spec)
 
 
 class PPOModule(Stage):
@@ -50,11 +45,12 @@ class PPOModule(Stage):
         init_from: The SFT checkpoint: the policy and the frozen reference start from it.
         reward_model: A reward-model checkpoint (``lit-llm fit --config configs/reward/...``).
         reward_fn: Optional Python reward ``"module:function"`` taking ``(record, response) -> float``;
-            e.g. ``lit_llm.stages.ppo:tinyworld_gold``.
+            e.g. ``lit_llm.data.tinyworld:gold_score``.
         reward_model_weight: Weight of the reward model's score in the total reward.
         reward_fn_weight: Weight of ``reward_fn`` in the total reward.
-        gold_fn: Gold reward logged (never optimised unless also given as ``reward_fn``) to show whether RLHF
-            really helped; ``None`` disables it.
+        gold_fn: Gold reward ``"module:function"`` logged (never optimised unless also given as ``reward_fn``)
+            to show whether RLHF really helped; by default the DataModule's ``gold_reward`` (tinyworld: is the
+            answer right?), none when the data has none.
         critic: ``reward_model``: a separate value network initialised from the reward model (default; it
             starts out knowing which replies are good, and its updates never disturb the policy) or
             ``policy``: a fresh value head on a copy of the policy's backbone.
@@ -92,7 +88,7 @@ class PPOModule(Stage):
         reward_fn: str | None = None,
         reward_model_weight: float = 1.0,
         reward_fn_weight: float = 1.0,
-        gold_fn: str | None = "lit_llm.stages.ppo:tinyworld_gold",
+        gold_fn: str | None = None,
         critic: Literal["reward_model", "policy"] = "reward_model",
         max_new_tokens: int = 48,
         temperature: float = 1.0,
@@ -167,7 +163,7 @@ class PPOModule(Stage):
 
     def _response_logits(self, model, seq: torch.Tensor, valid: torch.Tensor, P: int) -> torch.Tensor:
         """Logits that predict each response token ``(B, N, V)`` (positions ``P-1 .. P+N-2``)."""
-        logits = model(seq, positions_from_valid(valid), padding_mask(valid))
+        logits = model(seq, positions_from_padding(valid), padding_mask(valid))
         return logits[:, P - 1 : -1]
 
     def _scores(
@@ -183,9 +179,10 @@ class PPOModule(Stage):
             fn = torch.tensor([self.reward_fn(r, y) for r, y in zip(records, replies)], device=self.device)
             parts["reward_fn"] = fn
             total = total + hp.reward_fn_weight * fn
-        if self.gold_fn is not None and all("answer" in r for r in records):
+        gold_fn = self.gold_fn or self.data_hook("gold_reward")
+        if gold_fn is not None:
             parts["gold"] = torch.tensor(
-                [self.gold_fn(r, y) for r, y in zip(records, replies)], device=self.device
+                [gold_fn(r, y) for r, y in zip(records, replies)], device=self.device
             )
         return total, parts
 

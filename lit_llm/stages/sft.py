@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from lit_llm.data.sft import IGNORE
+from lit_llm.errors import UserError
 from lit_llm.evaluation import gold_score
+from lit_llm.losses import masked_lm_loss
 from lit_llm.stages.base import Stage
-
-
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over labelled tokens and the accuracy of the argmax there.
-
-    Args:
-        logits: ``(B, T, V)``.
-        labels: ``(B, T)``, ``-100`` where not trained.
-    """
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-    keep = labels != IGNORE
-    acc = (logits.argmax(-1)[keep] == labels[keep]).float().mean()
-    return loss, acc
 
 
 class SFTModule(Stage):
     """Instruction tuning from a pretraining checkpoint (``init_from``).
 
-    Logs the masked loss, response-token accuracy and, on tinyworld, the exact-answer accuracy of greedy
-    replies to held-out prompts (``val/exact_match``), the figure later stages improve on.
+    Logs the masked loss, response-token accuracy and, when the DataModule provides held-out prompts and a
+    gold scorer (``eval_prompts()`` and ``gold_reward``; tinyworld does: is the answer right?), the mean gold
+    score of greedy replies as ``val/exact_match``, the figure later stages improve on.
 
     Args:
         eval_max_new_tokens: Reply length limit when scoring held-out prompts.
@@ -41,9 +29,7 @@ class SFTModule(Stage):
         kwargs.setdefault("warmup_steps", 20)
         super().__init__(*args, **kwargs)
         if self.hparams.init_from is None:
-            raise ValueError(
-                "SFT starts from a pretrained model: set --model.init_from path/to/pretrain.ckpt"
-            )
+            raise UserError("SFT starts from a pretrained model: set --model.init_from path/to/pretrain.ckpt")
         self.eval_max_new_tokens = eval_max_new_tokens
         self._samples: list[tuple[str, str]] = []
 
@@ -56,13 +42,11 @@ class SFTModule(Stage):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        records = dm.eval_prompts() if dm is not None and hasattr(dm, "eval_prompts") else []
-        if not records or self.trainer.sanity_checking:
+        scorer = self.data_hook("gold_reward")
+        records = self.data_hook("eval_prompts", lambda: [])()
+        if scorer is None or not records or self.trainer.sanity_checking:
             return
-        score, replies = gold_score(
-            self.model, self.tokenizer, records, max_new_tokens=self.eval_max_new_tokens
-        )
+        score, replies = gold_score(self.model, self.tokenizer, records, scorer, self.eval_max_new_tokens)
         self.log("val/exact_match", score, prog_bar=True, rank_zero_only=True)
         self._samples = [(r["prompt"], reply) for r, reply in zip(records[:4], replies)]
 

@@ -89,7 +89,7 @@ FAST = {
 
 def find_configs(explicit: str | None) -> Path:
     """The ``configs/`` folder: as given, in the working directory, or next to the package (editable install)."""
-    for cand in (explicit, "configs", Path(__file__).resolve().parents[1] / "configs"):
+    for cand in (explicit, "configs", Path(__file__).resolve().parents[2] / "configs"):
         if cand is not None and (Path(cand) / CONFIGS["pretrain"]).is_file():
             return Path(cand).resolve()
     raise FileNotFoundError("cannot find the configs/ folder; pass --configs path/to/configs")
@@ -100,7 +100,7 @@ def _metric(cli: Any, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def run(argv: Sequence[str]) -> dict[str, Any]:
+def main(argv: Sequence[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         prog="lit-llm pipeline",
         description="Run pretraining -> SFT -> reward model -> PPO on tinyworld and print a summary table.",
@@ -130,10 +130,10 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
 
     import torch
 
-    from lit_llm.cli import run_lightning
+    from lit_llm.checkpoint import load_backbone
+    from lit_llm.cli.lightning import run_lightning
     from lit_llm.data import tinyworld
     from lit_llm.evaluation import gold_score
-    from lit_llm.stages.base import load_backbone
 
     configs = find_configs(a.configs)
     work = Path(a.workdir)
@@ -184,9 +184,11 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
         records = tinyworld.rl_prompts(8 if a.fast else a.eval_prompts, "test")
         for name in ("sft", "ppo"):
             model, tok, _ = load_backbone(f"checkpoints/{name}/last.ckpt")
-            rows[f"{name}_gold"], _ = gold_score(model, tok, records)
+            rows[f"{name}_gold"], _ = gold_score(model, tok, records, tinyworld.gold_score)
             torch.manual_seed(a.seed)
-            rows[f"{name}_gold_sampled"], _ = gold_score(model, tok, records, temperature=1.0)
+            rows[f"{name}_gold_sampled"], _ = gold_score(
+                model, tok, records, tinyworld.gold_score, temperature=1.0
+            )
         Path("checkpoints/pipeline_summary.json").write_text(json.dumps(rows, indent=2))
     finally:
         os.chdir(cwd)

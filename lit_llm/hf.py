@@ -300,14 +300,6 @@ def hf_llama_config_dict(config: ModelConfig, **special_tokens: Any) -> dict[str
     }
 
 
-def from_hf_llama(hf_model: Any) -> Transformer:
-    """Our ``Transformer`` holding the weights of a Hugging Face ``LlamaForCausalLM`` instance."""
-    config = config_from_hf_llama(hf_model.config)
-    model = Transformer(config)
-    model.load_state_dict(state_dict_from_hf_llama(hf_model.state_dict(), config))
-    return model
-
-
 # --------------------------------------------------------------------------------------------- Llama 4
 def config_from_hf_llama4(hf_config: Any) -> ModelConfig:
     """Our ``ModelConfig`` for a Hugging Face ``Llama4TextConfig`` (object or ``config.json`` dict).
@@ -472,14 +464,6 @@ def state_dict_to_hf_llama4(state: dict[str, torch.Tensor], config: ModelConfig)
     return out
 
 
-def from_hf_llama4(hf_model: Any) -> Transformer:
-    """Our ``Transformer`` holding the weights of a Hugging Face ``Llama4ForCausalLM`` instance."""
-    config = config_from_hf_llama4(hf_model.config)
-    model = Transformer(config)
-    model.load_state_dict(state_dict_from_hf_llama4(hf_model.state_dict(), config))
-    return model
-
-
 # ------------------------------------------------------------------------------------- either, by arch
 def hf_arch(config: ModelConfig) -> Literal["llama", "llama4"]:
     """``llama`` when a Llama checkpoint expresses the config, else ``llama4``."""
@@ -587,7 +571,7 @@ def export_hf(
     """
     from safetensors.torch import save
 
-    from lit_llm.checkpoint import atomic_save_many
+    from lit_llm.atomic import atomic_save_many
 
     config = model.config
     kind = _resolve(config, arch)

@@ -1,0 +1,69 @@
+"""``lit-llm chat``: a multi-turn conversation with a chat model in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lit_llm.cli.common import COMPILE, add_sampling_args, stream_text
+
+
+def main(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="lit-llm chat",
+        description="Chat with an SFT or RL-aligned model in the terminal. Type a message and press Enter; "
+        "'/reset' clears the history, '/exit' or Ctrl-D quits.",
+    )
+    p.add_argument(
+        "--ckpt", required=True, help="a chat model: an sft/ppo .ckpt or an exported Hugging Face folder"
+    )
+    p.add_argument("--system", default=None, help="optional system prompt")
+    add_sampling_args(p, max_new_tokens=128)
+    a = p.parse_args(argv)
+    import torch
+
+    from lit_llm.backbone.generate import stream
+    from lit_llm.checkpoint import CHAT_STAGES, load_for_inference
+
+    model, tok, meta = load_for_inference(a.ckpt, a.precision, CHAT_STAGES)
+    budget = model.config.block_size - a.max_new_tokens
+    if budget < 1:
+        raise SystemExit(
+            f"error: --max_new_tokens {a.max_new_tokens} leaves no room in the model's context "
+            f"(block_size {model.config.block_size})"
+        )
+    gen = torch.Generator().manual_seed(a.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"lit-llm chat ({meta.get('stage')} model, {a.ckpt}); /reset clears, /exit quits")
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line or line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tok.render_chat(history, add_generation_prompt=True)[0]
+        ids = ids[-budget:]  # forget the oldest turns when the conversation outgrows the context
+        sys.stdout.write("assistant> ")
+        stops = [tok.end_id, tok.eos_id]
+        try:
+            tokens = stream(
+                model, ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stops, gen, COMPILE[a.compile]
+            )
+            reply = stream_text(tok, tokens)
+        except KeyboardInterrupt:
+            reply = []
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": tok.decode(reply)})

@@ -1,0 +1,64 @@
+"""What the helper commands share: decoding options and printing tokens as they arrive."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+from lit_llm.tokenizer import Tokenizer
+
+COMPILE = {"off": False, "on": True, "frozen": "frozen"}
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """Length, temperature, top-k / top-p, seed, weight precision and compilation of decoding."""
+    p.add_argument(
+        "--max_new_tokens", type=positive_int, default=max_new_tokens, help="longest reply in tokens"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy; otherwise the sampling temperature"
+    )
+    p.add_argument(
+        "--top_k", type=int, default=None, help="sample among the k most likely tokens (0 or unset: off)"
+    )
+    p.add_argument(
+        "--top_p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (1 or unset: off)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling")
+    p.add_argument(
+        "--precision",
+        choices=["32", "bf16", "int8"],
+        default="32",
+        help="weights while decoding: float32 (exact), bfloat16, or int8 weight-only with bfloat16 "
+        "activations (fastest on CPU; greedy tokens can differ where two logits nearly tie)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=list(COMPILE),
+        default="off",
+        help="torch.compile the decode step: the first call compiles (tens of seconds), so it pays off for "
+        "long outputs; 'frozen' also bakes the weights into the compiled code (a CPU option)",
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def stream_text(tok: Tokenizer, token_iter: Iterable[int], out: TextIO | None = None) -> list[int]:
+    """Print tokens as they arrive (decoding the whole reply each time keeps multi-byte characters whole)."""
+    out = out or sys.stdout
+    ids: list[int] = []
+    printed = ""
+    for t in token_iter:
+        ids.append(t)
+        text = tok.decode(ids)
+        out.write(text[len(printed) :])
+        out.flush()
+        printed = text
+    return ids

@@ -1,0 +1,48 @@
+"""``lit-llm generate``: continue a prompt with a trained model, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lit_llm.cli.common import COMPILE, add_sampling_args, stream_text
+
+
+def main(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="lit-llm generate", description="Continue a prompt with a trained model."
+    )
+    p.add_argument(
+        "--ckpt", required=True, help="a lit_llm checkpoint (.ckpt) or an exported Hugging Face folder"
+    )
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the chat template (SFT/PPO models)"
+    )
+    add_sampling_args(p, max_new_tokens=64)
+    a = p.parse_args(argv)
+    import torch
+
+    from lit_llm.backbone.generate import stream
+    from lit_llm.checkpoint import CHAT_STAGES, GENERATIVE_STAGES, load_for_inference
+
+    model, tok, _ = load_for_inference(a.ckpt, a.precision, CHAT_STAGES if a.chat else GENERATIVE_STAGES)
+    ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
+    if not ids:
+        raise SystemExit("error: the prompt encodes to no tokens")
+    gen = torch.Generator().manual_seed(a.seed)
+    sys.stdout.write(a.prompt)
+    tokens = stream(
+        model,
+        ids,
+        a.max_new_tokens,
+        a.temperature,
+        a.top_k,
+        a.top_p,
+        [tok.end_id, tok.eos_id],
+        gen,
+        COMPILE[a.compile],
+    )
+    stream_text(tok, tokens)
+    sys.stdout.write("\n")
