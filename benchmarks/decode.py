@@ -33,8 +33,8 @@ import torch
 
 from lit_llm.backbone import ModelConfig, Transformer, count_parameters
 from lit_llm.backbone.generate import generate
-from lit_llm.hf import hf_llama_config_dict, state_dict_to_hf_llama
 from lit_llm.backbone.quantize import quantize_int8
+from lit_llm.hf import hf_llama_config_dict, state_dict_to_hf_llama
 
 
 def build_models(preset: str, seed: int):
