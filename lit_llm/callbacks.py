@@ -1,13 +1,109 @@
-"""Callbacks: sample generations to TensorBoard, throughput (tokens/s, MFU)."""
+"""Callbacks: sample generations to TensorBoard, throughput (tokens/s, MFU), and the per-stage checkpoint
+(and TensorBoard logger name) that the shared base config (``lit_llm/cli/base.yaml``) gives every stage."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+# the validation metrics StageCheckpoint(monitor="auto") looks for, in order, with the better direction
+AUTO_MONITOR = (("val/acc", "max"), ("val/loss", "min"))
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with the defaults every stage shares, so a stage config need not restate it.
+
+    * ``dirpath=None``: the stage's folder, ``trainer.default_root_dir`` (``checkpoints/<stage>``), instead of
+      Lightning's ``<logger dir>/version_N/checkpoints``.
+    * ``auto_monitor=True`` and no ``monitor``: keep the best checkpoint by ``val/acc`` (higher is better) when
+      the stage logs it, else by ``val/loss`` (lower is better); a stage that logs neither (PPO) keeps only
+      ``last.ckpt``. A ``monitor`` name, or ``auto_monitor=False``, behaves as in ``ModelCheckpoint``.
+      (A separate flag, not ``monitor="auto"``: jsonargparse carries init_args over when a later config swaps
+      the class for a plain ``ModelCheckpoint``, which must not inherit a metric called "auto".)
+    * ``filename="step{step}"``, ``save_last=True``, and ``enable_version_counter=False``: a rerun replaces
+      ``last.ckpt``, which the next stage reads.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = "step{step}",
+        monitor: str | None = None,
+        auto_monitor: bool = True,
+        save_last: bool | None = True,
+        save_top_k: int = 1,
+        mode: str = "min",
+        auto_insert_metric_name: bool = False,
+        every_n_train_steps: int | None = None,
+        enable_version_counter: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._auto_monitor = auto_monitor and monitor is None
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            mode=mode,
+            auto_insert_metric_name=auto_insert_metric_name,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=enable_version_counter,
+            **kwargs,
+        )
+
+    @property
+    def state_key(self) -> str:
+        # stable while "auto" is unresolved and after, so --ckpt_path restores this callback's state
+        return self._generate_state_key(
+            monitor="auto" if self._auto_monitor else self.monitor,
+            mode="auto" if self._auto_monitor else self.mode,
+            every_n_train_steps=self._every_n_train_steps,
+            every_n_epochs=self._every_n_epochs,
+            train_time_interval=self._train_time_interval,
+        )
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.realpath(os.path.expanduser(str(trainer.default_root_dir)))
+        super().setup(trainer, pl_module, stage)
+
+    def _resolve_monitor(self, metrics: dict[str, Any]) -> bool:
+        """Fix ``monitor``/``mode`` from the first metrics that hold an ``AUTO_MONITOR`` key."""
+        for key, mode in AUTO_MONITOR:
+            if key in metrics:
+                self.monitor, self.mode = key, mode
+                if self.best_model_score is None and not self.best_k_models:
+                    self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
+                return True
+        return False
+
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self._auto_monitor and self.monitor is None and not self._resolve_monitor(monitor_candidates):
+            return  # nothing to rank by (yet): only last.ckpt
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._auto_monitor and state_dict.get("monitor"):
+            self._resolve_monitor({state_dict["monitor"]: None})
+        super().load_state_dict(state_dict)
+
+
+def stage_logger_names(trainer: Trainer) -> None:
+    """Name every ``TensorBoardLogger`` left at Lightning's default name (``lightning_logs``) after the stage,
+    the last folder of ``trainer.default_root_dir``: ``checkpoints/sft`` logs to ``<save_dir>/sft/version_N``.
+    ``lit-llm`` calls it when it builds the trainer."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and logger.name == "lightning_logs":
+            logger._name = Path(trainer.default_root_dir).name
 
 
 def flops_per_token(model: Any, seq_len: int) -> float:

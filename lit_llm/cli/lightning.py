@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -17,6 +18,10 @@ class LitLLMCLI(LightningCLI):
     * ``data.vocab_size`` -> ``model.vocab_size``: the tokenizer decides the vocabulary, never the user.
     * ``data.seq_len`` -> ``model.block_size``: the model is built long enough for the data.
     * ``model.init_from`` -> ``data.tokenizer``: a stage that starts from a checkpoint uses its tokenizer.
+
+    Every subcommand first loads the shared base config ``BASE_CONFIG`` (``lit_llm/cli/base.yaml``: trainer
+    defaults, the TensorBoard logger, the checkpoint callback), then the ``--config`` files in order, so a
+    stage YAML holds only what differs; ``--print_config`` shows the composed result.
 
     And two defaults for reliable runs:
 
@@ -61,7 +66,17 @@ class LitLLMCLI(LightningCLI):
 
         configured = self._get(self.config_init, "trainer", default={}).get("plugins")
         kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins", configured))
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        from lit_llm.callbacks import stage_logger_names
+
+        stage_logger_names(trainer)
+        return trainer
+
+
+# loaded before any --config by every subcommand (jsonargparse default_config_files); shipped in the package
+# (pyproject.toml package-data), so it is found from any working directory and in non-editable installs
+BASE_CONFIG = Path(__file__).resolve().with_name("base.yaml")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def run_lightning(args: Sequence[str] | None) -> LitLLMCLI:
@@ -71,7 +86,11 @@ def run_lightning(args: Sequence[str] | None) -> LitLLMCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"description": DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "formatter_class": argparse.RawDescriptionHelpFormatter,
+            **{cmd: {"default_config_files": [str(BASE_CONFIG)]} for cmd in SUBCOMMANDS},
+        },
     )
     if args is None:
         return LitLLMCLI(LightningModule, LightningDataModule, **kwargs)
