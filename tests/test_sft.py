@@ -152,3 +152,27 @@ def test_chat_answers_a_scripted_turn(sft_run, monkeypatch, capsys):
     main(["chat", "--ckpt", str(sft_run / "checkpoints/sft/last.ckpt"), "--max_new_tokens", "16"])
     out = capsys.readouterr().out
     assert out.startswith("assistant> ") and len(out.strip()) > len("assistant>")
+
+
+def test_logged_exact_match_equals_a_recomputation(sft_run):
+    """``val/exact_match`` is the gold score of the final model's greedy replies to the held-out prompts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_llm.checkpoint import load_backbone
+    from lit_llm.evaluation import gold_score
+
+    logdir = next((sft_run / "checkpoints/logs/sft").glob("version_*"))
+    ea = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    ea.Reload()
+    logged = ea.Scalars("val/exact_match")[-1]
+    assert logged.step == 39  # the last validation (step 40, logged 0-based): the weights of last.ckpt
+    model, tok, _ = load_backbone(sft_run / "checkpoints/sft/last.ckpt")
+    # the fixture's --data.tinyworld_eval 16 held-out prompts of the default world, replies of at most 48 tokens
+    records = tinyworld.rl_prompts(16, "val", tinyworld.WorldConfig(seed=0))
+    score, replies = gold_score(model.eval(), tok, records, tinyworld.gold_score, max_new_tokens=48)
+    assert len(replies) == 16
+    assert abs(logged.value - score) < 1e-6, (logged.value, score, replies[:4])
+    # a tiny model's score may well be 0: the replies themselves must match too (the first four are logged)
+    sample = ea.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    want = "\n\n".join(f"**{r['prompt']}** → {c}" for r, c in zip(records[:4], replies))
+    assert sample == want.replace("\n", "  \n")

@@ -16,6 +16,7 @@ import torch
 from lit_llm.backbone.cache import KVCache
 from lit_llm.backbone.masks import padding_mask, positions_from_padding
 from lit_llm.backbone.model import Transformer
+from lit_llm.errors import UserError
 
 
 def logits_to_probs(
@@ -48,13 +49,17 @@ def logits_to_probs(
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Refuse sampling settings that have no meaning (instead of NaN probabilities or a crash later)."""
+    """Refuse sampling settings that have no meaning (instead of NaN probabilities or a crash later).
+
+    Raises:
+        UserError: (a ``ValueError``) naming the setting, so ``lit-llm`` prints it as one ``error:`` line.
+    """
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
 def sample(
@@ -221,8 +226,8 @@ def _decode(
     positions = positions_from_padding(valid)  # real tokens count 0, 1, 2, ...
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     live = torch.ones(B, dtype=torch.bool, device=device)
-    # float32 keys/values on CPU whatever the weights' dtype: its bfloat16 attention kernel is several times
-    # slower than the float32 one for a single query (benchmarks/BENCHMARKS.md, decoding)
+    # float32 keys/values on CPU whatever the weights' dtype: CPU's bfloat16 attention kernel is the slower one
+    # for a single query (figures: benchmarks/BENCHMARKS.md, decoding)
     cache_dtype = torch.float32 if device.type == "cpu" else None
     if compile:
         # a fixed-shape cache whose length is rounded up to a bucket, so that other prompt lengths reuse the
@@ -301,9 +306,9 @@ def generate(
         compile: Run each decode step through ``torch.compile`` over a fixed-shape cache
             (:class:`~lit_llm.backbone.cache.StaticKVCache`): the first call per model, batch size and total
             length compiles (tens of seconds), later ones replay it. Worth it for long or repeated decoding.
-            ``"frozen"`` also freezes the weights into the compiled code (a CPU option: it can help bfloat16
-            there, but was 3-4x slower than ``True`` on an H100; the model's parameters must have
-            ``requires_grad=False``, and changes to them are not seen later).
+            ``"frozen"`` also freezes the weights into the compiled code (meant for bfloat16 on CPU; see
+            benchmarks/BENCHMARKS.md for when it pays); the model's parameters must have
+            ``requires_grad=False``, and changes to them are not seen later.
     """
     P = max(len(p) for p in prompts) if prompts else 0
     steps = _decode(

@@ -24,9 +24,10 @@ def main(argv: Sequence[str]) -> None:
     a = p.parse_args(argv)
     import torch
 
-    from lit_llm.backbone.generate import stream
+    from lit_llm.backbone.generate import check_sampling, stream
     from lit_llm.checkpoint import CHAT_STAGES, GENERATIVE_STAGES, load_for_inference
 
+    check_sampling(a.temperature, a.top_k, a.top_p)  # before loading: a bad value is one error line
     model, tok, _ = load_for_inference(a.ckpt, a.precision, CHAT_STAGES if a.chat else GENERATIVE_STAGES)
     ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
     if not ids:
