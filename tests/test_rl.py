@@ -78,6 +78,17 @@ def test_masked_whiten() -> None:
     assert masked_var(w2, mask).item() == pytest.approx(1.0, abs=1e-5)
 
 
+def test_masked_whiten_single_real_token_is_centred_not_a_crash() -> None:
+    x = torch.tensor([[4.0, 9.0], [3.0, -2.0]])
+    mask = torch.tensor([[0, 0], [1, 0]])
+    w = masked_whiten(x, mask)
+    assert torch.equal(w, torch.zeros_like(x))
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert torch.equal(kept, torch.tensor([[0.0, 0.0], [3.0, 0.0]]))
+    with pytest.raises(ValueError):
+        masked_whiten(x, torch.zeros_like(mask))
+
+
 # ------------------------------------------------------------------------------------------------------
 # KL estimators
 # ------------------------------------------------------------------------------------------------------
@@ -371,3 +382,15 @@ def test_adaptive_kl_controller() -> None:
     assert ctl2.value == pytest.approx(0.2 * (1 + 0.1 * 10 / 100) ** 3)
     with pytest.raises(ValueError):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_kl_controllers_state_dict_round_trip() -> None:
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=10)
+    ctl.update(current_kl=3.0, n_steps=4)
+    restored = AdaptiveKLController(0.1, target=1.0, horizon=10)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == ctl.value != 0.1
+    fixed = FixedKLController(0.3)
+    other = FixedKLController(0.05)
+    other.load_state_dict(fixed.state_dict())
+    assert other.value == 0.3

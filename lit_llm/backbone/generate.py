@@ -16,7 +16,6 @@ import torch
 from lit_llm.backbone.cache import KVCache
 from lit_llm.backbone.masks import padding_mask, positions_from_padding
 from lit_llm.backbone.model import Transformer
-from lit_llm.errors import UserError
 
 
 def logits_to_probs(
@@ -52,14 +51,14 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     """Refuse sampling settings that have no meaning (instead of NaN probabilities or a crash later).
 
     Raises:
-        UserError: (a ``ValueError``) naming the setting, so ``lit-llm`` prints it as one ``error:`` line.
+        ValueError: naming the setting (the CLI and the stages turn it into a one-line user error).
     """
     if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
 
 
 def sample(

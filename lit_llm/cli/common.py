@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
+from lit_llm.backbone.generate import check_sampling
+from lit_llm.errors import UserError
 from lit_llm.tokenizer import Tokenizer
 
 COMPILE = {"off": False, "on": True, "frozen": "frozen"}
@@ -41,6 +43,14 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="torch.compile the decode step: the first call compiles (tens of seconds), so it pays off for "
         "long outputs; 'frozen' also bakes the weights into the compiled code (a CPU option)",
     )
+
+
+def check_sampling_args(a: argparse.Namespace) -> None:
+    """Refuse meaningless sampling values before loading anything (one ``error:`` line, not a traceback)."""
+    try:
+        check_sampling(a.temperature, a.top_k, a.top_p)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def positive_int(text: str) -> int:

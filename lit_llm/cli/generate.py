@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lit_llm.cli.common import COMPILE, add_sampling_args, stream_text
+from lit_llm.cli.common import COMPILE, add_sampling_args, check_sampling_args, stream_text
 
 
 def main(argv: Sequence[str]) -> None:
@@ -24,10 +24,10 @@ def main(argv: Sequence[str]) -> None:
     a = p.parse_args(argv)
     import torch
 
-    from lit_llm.backbone.generate import check_sampling, stream
+    from lit_llm.backbone.generate import stream
     from lit_llm.checkpoint import CHAT_STAGES, GENERATIVE_STAGES, load_for_inference
 
-    check_sampling(a.temperature, a.top_k, a.top_p)  # before loading: a bad value is one error line
+    check_sampling_args(a)
     model, tok, _ = load_for_inference(a.ckpt, a.precision, CHAT_STAGES if a.chat else GENERATIVE_STAGES)
     ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
     if not ids:

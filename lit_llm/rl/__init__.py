@@ -6,7 +6,8 @@ tokens and 0 on right padding. One PPO step fits together like this:
 1. **Rollout.** The policy generates responses for a batch of prompts. Under ``torch.no_grad()`` compute
    ``old_logprobs = logprobs_from_logits(policy_logits, tokens)`` (policy at rollout time),
    ``ref_logprobs`` the same way with the frozen SFT/reference model, ``old_values`` from the value head,
-   and ``mask`` for the response tokens.
+   and ``mask`` for the response tokens. Score in eval mode (no dropout, so that the ratio starts at 1) and
+   with the logits divided by the sampling temperature (the distribution the tokens were drawn from).
 2. **Scores.** The reward model scores each full (prompt + response) sequence: ``scores`` of shape ``(B,)``.
 3. **Rewards.** ``rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)``
    puts a per-token KL penalty ``-beta * kl`` on every token and the score on the last real token.

@@ -21,6 +21,14 @@ class FixedKLController:
             n_steps: Number of samples / steps since the last update (ignored).
         """
 
+    def state_dict(self) -> dict[str, float]:
+        """The coefficient, for a checkpoint."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the coefficient saved by :meth:`state_dict`."""
+        self.value = float(state["value"])
+
 
 class AdaptiveKLController:
     """Adaptive KL coefficient that steers the policy-reference KL towards a target (Ziegler et al. 2019).
@@ -55,3 +63,11 @@ class AdaptiveKLController:
         """
         proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        """The adapted coefficient (and its settings), for a checkpoint: a resume continues from it."""
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the coefficient saved by :meth:`state_dict` (the target and horizon stay this run's)."""
+        self.value = float(state["value"])

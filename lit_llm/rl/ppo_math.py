@@ -105,10 +105,17 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
         shift_mean: If ``True`` the result has zero masked mean, otherwise it keeps the original mean.
 
     Returns:
-        Whitened tensor of shape ``(B, T)``; padded positions are set to exactly 0.
+        Whitened tensor of shape ``(B, T)``; padded positions are set to exactly 0. With a single real
+        token the variance is undefined: the token is only centred (0, or its value with
+        ``shift_mean=False``).
+
+    Raises:
+        ValueError: If there is no real token.
     """
     keep = _bool_mask(mask, x)
     mean = masked_mean(x, keep)
+    if int(keep.sum()) == 1:
+        return _zero_padding(x - mean if shift_mean else x, keep)
     var = masked_var(x, keep, unbiased=True)
     whitened = (x - mean) * torch.rsqrt(var + _WHITEN_EPS)
     if not shift_mean:

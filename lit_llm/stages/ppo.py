@@ -3,29 +3,95 @@
 Four networks: the **policy** (from the SFT checkpoint, trained), the **reference** (a frozen copy of the
 SFT policy, for the KL penalty), the **critic** (a value model, trained) and the **reward model** (frozen).
 The math lives in ``lit_llm.rl``; this module only orchestrates and logs.
+
+Every token PPO scores (rollout-time, reference and training log-probs, the entropy) is scored with the
+logits divided by the sampling ``temperature``: the policy being optimised is the distribution the rollouts
+were sampled from. ``top_k`` / ``top_p`` truncate that sampling distribution, but PPO optimises the
+temperature-scaled *untruncated* policy, so the ratio (and the KL to the reference) is one of untruncated
+distributions; tokens outside the top-k/top-p set are simply never sampled.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_llm import rl
-from lit_llm.backbone.generate import generate
+from lit_llm.backbone.generate import check_sampling, generate
 from lit_llm.backbone.heads import ScalarHeadModel
 from lit_llm.backbone.masks import padding_mask, positions_from_padding
 from lit_llm.checkpoint import load_backbone
 from lit_llm.data.common import import_function
 from lit_llm.errors import UserError
 from lit_llm.evaluation import RewardModel, chat_completions
-from lit_llm.stages.base import Stage
+from lit_llm.stages.base import Stage, param_groups
 
 RewardFn = Callable[[dict, str], float]
+KL_CTL_KEY = (
+    "lit_llm_ppo_kl_ctl"  # the KL controller's state in a checkpoint (an adaptive beta survives a resume)
+)
+
+
+@dataclass
+class Rollout:
+    """What a rollout hands to the PPO updates: token tensors are ``(B, N)`` over the response tokens.
+
+    Attributes:
+        seq: ``(B, P + N)`` left-padded prompts followed by the sampled replies.
+        valid: ``(B, P + N)`` True on real tokens.
+        P: The padded prompt length; ``resp = seq[:, P:]``.
+        resp: The sampled response tokens.
+        mask: 1.0 on real response tokens, 0.0 on padding after a stop.
+        logprobs: Rollout-time (eval mode, temperature-scaled) policy log-probs of ``resp``.
+        ref_logprobs: The same for the frozen reference.
+        values: Rollout-time critic values of the state before each response token.
+        advantages: Whitened GAE advantages.
+        returns: GAE returns (the critic's targets).
+        kl: Per-token KL estimate used in the reward.
+        scores: ``(B,)`` total reward of each reply before penalties and whitening.
+        parts: ``(B,)`` parts of the reward and the gold reward, by name.
+        replies: The decoded replies.
+        ended: ``(B,)`` whether each reply stopped before ``max_new_tokens``.
+        gen_time: Seconds spent generating.
+    """
+
+    seq: torch.Tensor
+    valid: torch.Tensor
+    P: int
+    resp: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor
+    scores: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    replies: list[str]
+    ended: torch.Tensor
+    gen_time: float
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        """The rows ``idx`` (a minibatch): tensors with a batch dimension are indexed, the rest shared."""
+        picked = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v[idx]
+            elif isinstance(v, dict):
+                v = {k: t[idx] for k, t in v.items()}
+            elif isinstance(v, list):
+                v = [v[i] for i in idx.tolist()]
+            picked[f.name] = v
+        return Rollout(**picked)
 
 
 _RENAMED = {"lit_llm.stages.ppo:tinyworld_gold": "lit_llm.data.tinyworld:gold_score"}
@@ -55,9 +121,11 @@ class PPOModule(Stage):
             starts out knowing which replies are good, and its updates never disturb the policy) or
             ``policy``: a fresh value head on a copy of the policy's backbone.
         max_new_tokens: Longest sampled reply.
-        temperature: Sampling temperature of rollouts.
-        top_k: Top-k filter of rollouts.
-        top_p: Nucleus filter of rollouts.
+        temperature: Sampling temperature of rollouts (> 0: PPO needs sampling); PPO scores tokens with the
+            logits divided by it.
+        top_k: Top-k filter of rollouts (``None`` or 0: off).
+        top_p: Nucleus filter of rollouts (``None`` or 1: off). Both truncate only the sampling; the ratio
+            is one of the temperature-scaled untruncated distributions (see the module docstring).
         ppo_epochs: Passes over each rollout.
         minibatch_size: Sequences per gradient step.
         clip_eps: Policy ratio clip.
@@ -72,7 +140,9 @@ class PPOModule(Stage):
         score_clip: Clip scores to ``[-score_clip, score_clip]``.
         missing_eos_penalty: Subtracted from the score of replies that hit ``max_new_tokens`` without ending.
         entropy_coef: Entropy bonus weight.
-        critic_learning_rate: Learning rate of the critic (the policy uses ``learning_rate``).
+        critic_learning_rate: Learning rate of the critic (the policy uses ``learning_rate``); both follow
+            the warmup (``warmup_steps``) + cosine (to ``min_lr_ratio``) schedule, stepped once per PPO
+            iteration, and ``weight_decay`` applies to both networks' matrices (never to norms, biases).
         max_grad_norm: Gradient clipping of each network.
         target_kl_stop: Stop the epochs of a step early when approximate KL exceeds this.
         eval_max_new_tokens: Reply length when scoring held-out prompts.
@@ -114,6 +184,14 @@ class PPOModule(Stage):
         eval_max_new_tokens: int = 48,
         **kwargs: Any,
     ) -> None:
+        try:
+            check_sampling(temperature, top_k, top_p)
+        except ValueError as err:
+            raise UserError(f"ppo: {err}") from None
+        if temperature <= 0:
+            raise ValueError(
+                f"PPO samples its rollouts: temperature must be > 0, got {temperature} (0 would be greedy)"
+            )
         kwargs.setdefault("learning_rate", 1e-5)
         kwargs.setdefault("warmup_steps", 10)
         kwargs.setdefault("min_lr_ratio", 1.0)
@@ -152,19 +230,33 @@ class PPOModule(Stage):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def configure_optimizers(self):
+        """AdamW for the policy and the critic (no decay on norms and biases), each with warmup + cosine.
+
+        With manual optimisation Lightning counts training batches, i.e. PPO iterations, in
+        ``estimated_stepping_batches``: the schedules are stepped once per iteration in ``training_step``.
+        """
         hp = self.hparams
         policy = torch.optim.AdamW(
-            self.model.parameters(), lr=hp.learning_rate, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+            param_groups(self.model.named_parameters(), hp.weight_decay),
+            lr=hp.learning_rate,
+            betas=tuple(hp.betas),
         )
         critic = torch.optim.AdamW(
-            self.critic.parameters(), lr=hp.critic_learning_rate, betas=tuple(hp.betas)
+            param_groups(self.critic.named_parameters(), hp.weight_decay),
+            lr=hp.critic_learning_rate,
+            betas=tuple(hp.betas),
         )
-        return [policy, critic]
+        return [policy, critic], [self.lr_scheduler(policy), self.lr_scheduler(critic)]
 
     def _response_logits(self, model, seq: torch.Tensor, valid: torch.Tensor, P: int) -> torch.Tensor:
-        """Logits that predict each response token ``(B, N, V)`` (positions ``P-1 .. P+N-2``)."""
+        """Temperature-scaled logits that predict each response token ``(B, N, V)`` (positions
+        ``P-1 .. P+N-2``): the distribution the rollout sampled from, before any top-k/top-p truncation."""
         logits = model(seq, positions_from_padding(valid), padding_mask(valid))
-        return logits[:, P - 1 : -1]
+        return logits[:, P - 1 : -1].float() / self.hparams.temperature
+
+    def _values(self, seq: torch.Tensor, valid: torch.Tensor, P: int) -> torch.Tensor:
+        """The critic's value of the state before each response token ``(B, N)``."""
+        return self.critic.values(seq, valid)[:, P - 1 : -1]
 
     def _scores(
         self, records: list[dict], replies: list[str]
@@ -186,12 +278,39 @@ class PPOModule(Stage):
             )
         return total, parts
 
+    def _reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """``x`` reduced over the ranks (``"sum"`` or ``"mean"``); itself on a single process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return x
+        return trainer.strategy.reduce(x, reduce_op=op)
+
+    def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``masked_whiten`` with the mean and variance of the real entries of every rank (one statistic for
+        the whole global batch, as a single process with all of it would compute)."""
+        keep = mask.bool().expand_as(x)
+        xf = torch.where(keep, x.float(), torch.zeros((), device=x.device))
+        sums = self._reduce(torch.stack([xf.sum(), xf.square().sum(), keep.sum().float()]), "sum")
+        total, total_sq, n = sums.tolist()
+        mean = total / max(n, 1.0)
+        if n < 2:
+            # one real entry has no spread: centre it (it becomes 0) instead of dividing by an undefined std
+            return torch.where(keep, x - mean, torch.zeros_like(x))
+        var = max(total_sq - n * mean * mean, 0.0) / (n - 1)
+        return torch.where(keep, (x - mean) / math.sqrt(var + 1e-8), torch.zeros_like(x))
+
     # -------------------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def rollout(self, records: list[dict]) -> dict[str, Any]:
-        """Sample replies and compute everything PPO needs about them (no gradients)."""
+    def rollout(self, records: list[dict]) -> Rollout:
+        """Sample replies and compute everything PPO needs about them (no gradients).
+
+        The rollout-time log-probs and values are computed in eval mode (no dropout), so that at the first
+        minibatch the policy ratio is exactly 1 and the value clip is centred on the values the update
+        starts from. The caller switches the networks back to training mode for the updates.
+        """
         hp, tok = self.hparams, self.tokenizer
         self.model.eval()
+        self.critic.eval()
         t0 = time.perf_counter()
         out = generate(
             self.model,
@@ -204,7 +323,6 @@ class PPOModule(Stage):
             pad_id=tok.pad_id,
         )
         gen_time = time.perf_counter() - t0
-        self.model.train()
         # clone: generate() runs in inference mode, and autograd may not save inference tensors
         seq, valid, P = out.sequences.clone(), out.valid.clone(), out.prompt_len
         resp = seq[:, P:]
@@ -213,26 +331,25 @@ class PPOModule(Stage):
         ended = torch.isin(resp, torch.tensor([tok.end_id, tok.eos_id], device=resp.device)).any(-1)
         logprobs = rl.logprobs_from_logits(self._response_logits(self.model, seq, valid, P), resp)
         ref_logprobs = rl.logprobs_from_logits(self._response_logits(self.ref, seq, valid, P), resp)
-        values = self.critic.values(seq, valid)[
-            :, P - 1 : -1
-        ]  # value of the state before each response token
+        values = self._values(seq, valid, P)
         scores, parts = self._scores(records, replies)
         raw_scores = scores.clone()
         scores = scores - hp.missing_eos_penalty * (~ended).float()
-        if hp.whiten_rewards and len(scores) > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if hp.whiten_rewards:
+            scores = self._global_whiten(scores, torch.ones_like(scores))
         rewards, kl = rl.compute_rewards(
             scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, hp.kl_estimator, hp.score_clip
         )
         advantages, returns = rl.gae(rewards, values, mask, hp.gamma, hp.lam)
-        advantages = rl.masked_whiten(advantages, mask)
-        return dict(
+        advantages = self._global_whiten(advantages, mask)
+        return Rollout(
             seq=seq,
             valid=valid,
             P=P,
             resp=resp,
             mask=mask,
             logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
             values=values,
             advantages=advantages,
             returns=returns,
@@ -240,89 +357,98 @@ class PPOModule(Stage):
             scores=raw_scores,
             parts=parts,
             replies=replies,
-            gen_time=gen_time,
             ended=ended,
+            gen_time=gen_time,
         )
 
+    def _update(self, mb: Rollout) -> dict[str, torch.Tensor]:
+        """One gradient step of the policy and the critic on a minibatch of the rollout; its stats."""
+        hp = self.hparams
+        policy_opt, critic_opt = self.optimizers()
+        logits = self._response_logits(self.model, mb.seq, mb.valid, mb.P)
+        logprobs = rl.logprobs_from_logits(logits, mb.resp)
+        pg_loss, pg_stats = rl.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, hp.clip_eps)
+        entropy = rl.masked_mean(rl.entropy_from_logits(logits), mb.mask)
+        loss = pg_loss - hp.entropy_coef * entropy
+        values = self._values(mb.seq, mb.valid, mb.P)
+        vf_loss, vf_stats = rl.value_loss(values, mb.values, mb.returns, mb.mask, hp.value_clip_eps)
+        if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
+            raise FloatingPointError(
+                f"ppo: non-finite loss at step {self.global_step} (policy {loss.item()}, value "
+                f"{vf_loss.item()}); stopping, the last good checkpoint is kept. Lower the learning rates."
+            )
+        policy_opt.zero_grad()
+        critic_opt.zero_grad()
+        self.manual_backward(loss + vf_loss)
+        self.clip_gradients(policy_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        self.clip_gradients(critic_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        policy_opt.step()
+        critic_opt.step()
+        stats = {**pg_stats, **vf_stats, "policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy}
+        return {k: v.detach().float() for k, v in stats.items()}
+
     def training_step(self, records: list[dict], batch_idx: int) -> None:
+        """One PPO iteration: rollout, epochs of minibatch updates (stopping early when the policy moved too
+        far), learning-rate schedules, KL-coefficient update, logging."""
         hp = self.hparams
         t0 = time.perf_counter()
         ro = self.rollout(records)
-        policy_opt, critic_opt = self.optimizers()
-        B = ro["seq"].shape[0]
+        self.model.train()
+        self.critic.train()
+        B = ro.seq.shape[0]
         stats: dict[str, list[torch.Tensor]] = {}
         stop = False
         for _ in range(hp.ppo_epochs):
             for idx in torch.randperm(B, device=self.device).split(hp.minibatch_size):
-                seq, valid, mask = ro["seq"][idx], ro["valid"][idx], ro["mask"][idx]
-                logits = self._response_logits(self.model, seq, valid, ro["P"])
-                logprobs = rl.logprobs_from_logits(logits, ro["resp"][idx])
-                pg_loss, pg_stats = rl.policy_loss(
-                    logprobs, ro["logprobs"][idx], ro["advantages"][idx], mask, hp.clip_eps
-                )
-                entropy = rl.masked_mean(rl.entropy_from_logits(logits), mask)
-                loss = pg_loss - hp.entropy_coef * entropy
-                values = self.critic.values(seq, valid)[:, ro["P"] - 1 : -1]
-                vf_loss, vf_stats = rl.value_loss(
-                    values, ro["values"][idx], ro["returns"][idx], mask, hp.value_clip_eps
-                )
-                if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
-                    raise FloatingPointError(
-                        f"ppo: non-finite loss at step {self.global_step} (policy {loss.item()}, value "
-                        f"{vf_loss.item()}); stopping, the last good checkpoint is kept. Lower the learning rates."
-                    )
-                policy_opt.zero_grad()
-                critic_opt.zero_grad()
-                self.manual_backward(loss + vf_loss)
-                self.clip_gradients(
-                    policy_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
-                )
-                self.clip_gradients(
-                    critic_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
-                )
-                policy_opt.step()
-                critic_opt.step()
-                for k, v in {
-                    **pg_stats,
-                    **vf_stats,
-                    "policy_loss": pg_loss,
-                    "value_loss": vf_loss,
-                    "entropy": entropy,
-                }.items():
-                    stats.setdefault(k, []).append(v.detach().float())
-                if hp.target_kl_stop is not None and pg_stats["approx_kl"] > hp.target_kl_stop:
+                for k, v in self._update(ro.select(idx)).items():
+                    stats.setdefault(k, []).append(v)
+                if hp.target_kl_stop is not None and stats["approx_kl"][-1] > hp.target_kl_stop:
                     stop = True
                     break
             if stop:
                 break
-        sched = self.lr_schedulers()
-        if sched is not None:
+        for sched in self._schedulers():
             sched.step()
-        mask = ro["mask"]
-        kl_seq = ro["kl"].sum(-1).mean()
+        # every rank adapts beta from the same (global mean) KL, so the coefficients never drift apart
+        kl_seq = self._reduce(ro.kl.sum(-1).mean(), "mean")
         self.kl_ctl.update(float(kl_seq), B * self.trainer.world_size)
         step_time = time.perf_counter() - t0
+        mask = ro.mask
         log = {f"ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
         log.update(
             {
-                "ppo/score": ro["scores"].mean(),
+                "ppo/score": ro.scores.mean(),
                 "ppo/kl": kl_seq,
                 "ppo/kl_coef": torch.tensor(self.kl_ctl.value),
                 "ppo/response_len": mask.sum(-1).mean(),
-                "ppo/ended_fraction": ro["ended"].float().mean(),
-                "ppo/explained_variance": torch.tensor(
-                    rl.explained_variance(ro["values"], ro["returns"], mask)
-                ),
+                "ppo/ended_fraction": ro.ended.float().mean(),
+                "ppo/explained_variance": torch.tensor(rl.explained_variance(ro.values, ro.returns, mask)),
                 "ppo/early_stop": torch.tensor(float(stop)),
-                "perf/rollout_tokens_per_sec": mask.sum() / ro["gen_time"],
-                "perf/generate_fraction": torch.tensor(ro["gen_time"] / step_time),
+                "perf/rollout_tokens_per_sec": mask.sum() / ro.gen_time,
+                "perf/generate_fraction": torch.tensor(ro.gen_time / step_time),
             }
         )
-        for k, v in ro["parts"].items():
+        for k, v in ro.parts.items():
             log[f"ppo/{k}"] = v.float().mean()
         self.log_dict({k: v.to(self.device).float() for k, v in log.items()}, on_step=True, sync_dist=True)
-        self.log("train/score", ro["scores"].mean(), prog_bar=True, sync_dist=True)
-        self._last_rollout = (records, ro["replies"], ro["scores"].tolist())
+        self.log("train/score", ro.scores.mean(), prog_bar=True, sync_dist=True)
+        self._last_rollout = (records, ro.replies, ro.scores.tolist())
+
+    def _schedulers(self) -> list:
+        scheds = self.lr_schedulers()
+        if scheds is None:
+            return []
+        return scheds if isinstance(scheds, list) else [scheds]
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[KL_CTL_KEY] = self.kl_ctl.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if KL_CTL_KEY in checkpoint:
+            self.kl_ctl.load_state_dict(checkpoint[KL_CTL_KEY])
 
     # -------------------------------------------------------------------------------------- validation
     def validation_step(self, records: list[dict], batch_idx: int) -> None:
