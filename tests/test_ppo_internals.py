@@ -135,6 +135,21 @@ def test_first_minibatch_has_ratio_one_and_no_kl(ckpts, tmp_path):
     assert len(calls) == 2  # the second epoch ran with the updated policy
 
 
+def test_first_minibatch_has_ratio_one_with_dropout_in_the_model(ckpts, tmp_path):
+    """A model built with dropout: the updates run without it by default (disable_dropout), so the first
+    minibatch compares the policy with itself; with dropout in the updates the ratio is dropout noise."""
+    torch.manual_seed(0)
+    m = _module(ckpts, policy="sft_dropout", critic="policy", temperature=0.7, minibatch_size=4)
+    _, calls = _fit(m, tmp_path)
+    assert abs(float(calls[0]["ratio_mean"]) - 1) < 1e-5 and float(calls[0]["approx_kl"]) < 1e-8
+    torch.manual_seed(0)
+    m = _module(
+        ckpts, policy="sft_dropout", critic="policy", temperature=0.7, minibatch_size=4, disable_dropout=False
+    )
+    _, calls = _fit(m, tmp_path)
+    assert float(calls[0]["approx_kl"]) > 1e-4
+
+
 def test_reference_frozen_and_policy_trained(ckpts, tmp_path):
     torch.manual_seed(0)
     m = _module(ckpts, learning_rate=1e-2, ppo_epochs=2, minibatch_size=2, target_kl_stop=None)

@@ -34,9 +34,8 @@ from lit_llm.evaluation import RewardModel, chat_completions
 from lit_llm.stages.base import Stage, param_groups
 
 RewardFn = Callable[[dict, str], float]
-KL_CTL_KEY = (
-    "lit_llm_ppo_kl_ctl"  # the KL controller's state in a checkpoint (an adaptive beta survives a resume)
-)
+# the KL controller's state in a checkpoint (an adaptive beta survives a resume)
+KL_CTL_KEY = "lit_llm_ppo_kl_ctl"
 
 
 @dataclass
@@ -145,6 +144,10 @@ class PPOModule(Stage):
             iteration, and ``weight_decay`` applies to both networks' matrices (never to norms, biases).
         max_grad_norm: Gradient clipping of each network.
         target_kl_stop: Stop the epochs of a step early when approximate KL exceeds this.
+        disable_dropout: Run the policy and the critic without dropout in the updates too (as TRL does). The
+            rollout is always scored without dropout; with dropout in the updates, the ratio at the first
+            minibatch is not 1 but the ratio of a dropped-out policy to the policy that sampled, and the
+            clip then acts on dropout noise. Only matters for models built with ``dropout > 0``.
         eval_max_new_tokens: Reply length when scoring held-out prompts.
         (other arguments: see ``Stage``)
     """
@@ -181,6 +184,7 @@ class PPOModule(Stage):
         critic_learning_rate: float = 1e-4,
         max_grad_norm: float = 1.0,
         target_kl_stop: float | None = 0.5,
+        disable_dropout: bool = True,
         eval_max_new_tokens: int = 48,
         **kwargs: Any,
     ) -> None:
@@ -189,7 +193,7 @@ class PPOModule(Stage):
         except ValueError as err:
             raise UserError(f"ppo: {err}") from None
         if temperature <= 0:
-            raise ValueError(
+            raise UserError(
                 f"PPO samples its rollouts: temperature must be > 0, got {temperature} (0 would be greedy)"
             )
         kwargs.setdefault("learning_rate", 1e-5)
@@ -198,9 +202,9 @@ class PPOModule(Stage):
         kwargs.setdefault("weight_decay", 0.0)
         super().__init__(init_from=init_from, **kwargs)
         if init_from is None:
-            raise ValueError("PPO starts from an SFT model: set --model.init_from path/to/sft.ckpt")
+            raise UserError("PPO starts from an SFT model: set --model.init_from path/to/sft.ckpt")
         if reward_model is None and reward_fn is None:
-            raise ValueError(
+            raise UserError(
                 "PPO needs a reward: set --model.reward_model path/to/reward.ckpt and/or --model.reward_fn"
             )
         self.automatic_optimization = False
@@ -210,10 +214,10 @@ class PPOModule(Stage):
             self.rm, rm_tok = RewardModel.load(reward_model)
             self.rm.requires_grad_(False)
             if rm_tok.to_str() != self.tokenizer.to_str():
-                raise ValueError(f"{reward_model} uses a different tokenizer than the policy {init_from}")
+                raise UserError(f"{reward_model} uses a different tokenizer than the policy {init_from}")
         if critic == "reward_model":
             if self.rm is None:
-                raise ValueError("critic='reward_model' needs --model.reward_model (or use critic='policy')")
+                raise UserError("critic='reward_model' needs --model.reward_model (or use critic='policy')")
             self.critic = copy.deepcopy(self.rm).requires_grad_(True).train()
         else:
             self.critic = ScalarHeadModel(load_backbone(init_from)[0])
@@ -226,9 +230,6 @@ class PPOModule(Stage):
         )
 
     # ----------------------------------------------------------------------------------------- helpers
-    def trainable_parameters(self):
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
     def configure_optimizers(self):
         """AdamW for the policy and the critic (no decay on norms and biases), each with warmup + cosine.
 
@@ -393,8 +394,8 @@ class PPOModule(Stage):
         hp = self.hparams
         t0 = time.perf_counter()
         ro = self.rollout(records)
-        self.model.train()
-        self.critic.train()
+        self.model.train(not hp.disable_dropout)
+        self.critic.train(not hp.disable_dropout)
         B = ro.seq.shape[0]
         stats: dict[str, list[torch.Tensor]] = {}
         stop = False
