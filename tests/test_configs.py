@@ -48,6 +48,19 @@ EXPECTED = {
         [LR, (SAMPLES, 0)],
         {"limit_train_batches": 80, "gradient_clip_val": None, "num_sanity_val_steps": 0},
     ),
+    "dpo/tinyworld.yaml": ("dpo", "dpo", [LR, (SAMPLES, 0)], {"max_steps": 200}),
+    "grpo/tinyworld.yaml": (
+        "grpo",
+        "grpo",
+        [LR, (SAMPLES, 0)],
+        {"limit_train_batches": 60, "gradient_clip_val": None, "num_sanity_val_steps": 0},
+    ),
+    "grpo/tinyworld-rm.yaml": (
+        "grpo-rm",
+        "grpo-rm",
+        [LR, (SAMPLES, 0)],
+        {"limit_train_batches": 60, "gradient_clip_val": None, "num_sanity_val_steps": 0},
+    ),
 }
 
 

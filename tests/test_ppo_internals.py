@@ -253,7 +253,7 @@ def test_global_whiten_handles_a_single_real_token(ckpts):
 def test_whitening_statistics_are_global_across_ranks(ckpts):
     """Two ranks holding the same rollout: the statistics are those of both copies together."""
     m = _module(ckpts)
-    m._reduce = lambda t, op: t * 2 if op == "sum" else t  # what an all-reduce over two equal ranks returns
+    m.reduce = lambda t, op: t * 2 if op == "sum" else t  # what an all-reduce over two equal ranks returns
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]).float()

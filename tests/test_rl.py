@@ -394,3 +394,178 @@ def test_kl_controllers_state_dict_round_trip() -> None:
     other = FixedKLController(0.05)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.3
+
+
+# ------------------------------------------------------------------------------------------------------
+# GRPO: group advantages, loss aggregation, the clipped loss with a KL term; reward sources
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_mean_only_hand_computed() -> None:
+    from lit_llm.rl import group_advantages, zero_spread
+
+    # three prompts, G = 3: means 2, 4/3 and 0.9 (whose float32 mean differs from 0.9 in the last bit)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0, 0.9, 0.9, 0.9])
+    adv = group_advantages(rewards, 3)
+    expected = torch.tensor([-1.0, 0.0, 1.0, -4 / 3, -4 / 3, 8 / 3, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(adv, expected)
+    assert torch.equal(adv[6:], torch.zeros(3))  # a zero-spread group is exactly 0
+    assert zero_spread(rewards, 3).tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(rewards, 4)
+
+
+def test_group_advantages_std_scaled_hand_computed() -> None:
+    from lit_llm.rl import group_advantages
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 4.0, 0.9, 0.9, 0.9])
+    adv = group_advantages(rewards, 3, scale_rewards=True)
+    # unbiased stds: 1 for (1, 2, 3); sqrt(((4/3)^2 * 2 + (8/3)^2) / 2) = 4 / sqrt(3) for (0, 0, 4)
+    s2 = 4 / math.sqrt(3)
+    expected = torch.tensor(
+        [
+            -1 / 1.0001,
+            0.0,
+            1 / 1.0001,
+            -4 / 3 / (s2 + 1e-4),
+            -4 / 3 / (s2 + 1e-4),
+            8 / 3 / (s2 + 1e-4),
+            0,
+            0,
+            0,
+        ]
+    )
+    torch.testing.assert_close(adv, expected)
+    # the zero-spread group: exactly 0, no NaN or 1/eps blow-up of a rounding error in its mean
+    assert torch.equal(adv[6:], torch.zeros(3)) and torch.isfinite(adv).all()
+
+
+def test_loss_aggregation_token_level_vs_per_sequence_hand_computed() -> None:
+    from lit_llm.rl import aggregate_loss
+
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = _right_padded_mask([4, 1], 4)  # the long reply has 4 tokens, the short one 1 (the 9s are padding)
+    # token level: (1 + 1 + 1 + 1 + 4) / 5 tokens; per sequence: (mean 1 + mean 4) / 2 replies
+    assert aggregate_loss(per_token, mask).item() == pytest.approx(8 / 5)
+    assert aggregate_loss(per_token, mask, "sequence").item() == pytest.approx(5 / 2)
+
+
+def test_grpo_loss_hand_computed() -> None:
+    from lit_llm.rl import grpo_loss
+
+    old = torch.zeros(2, 2)
+    # ratios: e^0.5 = 1.65 (clipped to 1.2 for a positive advantage), 1; 0.5 (clipped to 0.8 for a negative one), 1
+    new = torch.tensor([[0.5, 0.0], [math.log(0.5), 0.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    mask = _right_padded_mask([2, 1], 2)
+    loss, stats = grpo_loss(new, old, adv, mask, clip_eps=0.2, ref_logprobs=ref, kl_coef=0.5)
+    # surrogate per token: row 0: -min(1.65 * 2, 1.2 * 2) = -2.4, -min(2, 2) = -2; row 1: -min(-0.5, -0.8) = 0.8
+    k3 = [math.exp(-0.5) - 1 + 0.5, 0.0, math.exp(-math.log(0.5)) - 1 + math.log(0.5)]
+    surrogate = [-2.4, -2.0, 0.8]
+    expected = sum(s + 0.5 * k for s, k in zip(surrogate, k3)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["kl"].item() == pytest.approx(sum(k3) / 3, rel=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    # without a reference there is no KL term and no kl stat
+    loss0, stats0 = grpo_loss(new, old, adv, mask, clip_eps=0.2)
+    assert loss0.item() == pytest.approx(sum(surrogate) / 3, rel=1e-5) and "kl" not in stats0
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        grpo_loss(new, old, adv, mask, clip_eps=0.2, kl_coef=0.1)
+
+
+@pytest.mark.parametrize("scale_rewards", [False, True])
+def test_zero_spread_groups_give_zero_gradient_to_the_policy(scale_rewards: bool) -> None:
+    from lit_llm.backbone import ModelConfig, Transformer
+    from lit_llm.rl import group_advantages, grpo_loss
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", vocab_size=32, n_layer=1, n_embd=32, n_head=2))
+    seq = torch.randint(0, 32, (6, 6))
+    resp = seq[:, 3:]
+    mask = torch.ones(6, 3)
+
+    def grads(rewards: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        logprobs = logprobs_from_logits(model(seq)[:, 2:-1] / 0.7, resp)
+        old = (
+            logprobs.detach()
+        )  # the first minibatch: the policy that sampled, and the reference, are the policy
+        adv = group_advantages(rewards, 3, scale_rewards)
+        loss, _ = grpo_loss(logprobs, old, adv, mask, 0.2, ref_logprobs=old, kl_coef=0.1)
+        loss.backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    # two groups of G=3, each with one reward for all its replies (the float32 mean of three 0.9s is not 0.9)
+    assert all(torch.count_nonzero(g) == 0 for g in grads(torch.tensor([0.9, 0.9, 0.9, 3.0, 3.0, 3.0])))
+    # a group with a spread moves the policy
+    assert any(torch.count_nonzero(g) > 0 for g in grads(torch.tensor([0.9, 0.9, 1.0, 3.0, 3.0, 3.0])))
+
+
+class _FakeRewardModel:
+    def score(self, tok, prompts, responses):
+        return torch.tensor([float(len(r)) for r in responses])
+
+
+def test_reward_sources_weighted_sum_and_parts() -> None:
+    from lit_llm.rl import RewardSources
+
+    records = [{"prompt": "p1"}, {"prompt": "p2"}]
+    src = RewardSources(
+        None,
+        _FakeRewardModel(),
+        lambda r, y: float(y == "ab"),
+        reward_model_weight=0.5,
+        reward_fn_weight=2.0,
+        gold_fn=lambda r, y: 7.0,
+    )
+    total, parts = src(records, ["ab", "xyz"])
+    torch.testing.assert_close(total, torch.tensor([0.5 * 2 + 2.0 * 1, 0.5 * 3 + 0.0]))
+    torch.testing.assert_close(parts["rm_score"], torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(parts["reward_fn"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(parts["gold"], torch.tensor([7.0, 7.0]))
+    # the DataModule's gold scorer is the fallback of an unset gold_fn
+    _, parts = RewardSources(None, reward_fn=lambda r, y: 1.0)(
+        records, ["a", "b"], default_gold=lambda r, y: 3.0
+    )
+    torch.testing.assert_close(parts["gold"], torch.tensor([3.0, 3.0]))
+
+
+def nan_on_second(record: dict, reply: str) -> float:
+    return float("nan") if record["prompt"] == "second?" else 1.0
+
+
+def raises_on_second(record: dict, reply: str) -> float:
+    return 1.0 / 0 if record["prompt"] == "second?" else 1.0
+
+
+@pytest.mark.parametrize(
+    "fn, what", [(nan_on_second, "returned nan"), (raises_on_second, "raised ZeroDivisionError")]
+)
+def test_reward_sources_name_the_function_prompt_and_reply_of_a_bad_reward(fn, what) -> None:
+    from lit_llm.errors import UserError
+    from lit_llm.rl import RewardError, RewardSources
+
+    records = [{"prompt": "first?"}, {"prompt": "second?"}]
+    with pytest.raises(RewardError) as info:
+        RewardSources(None, reward_fn=fn)(records, ["fine", "the bad reply"])
+    msg = str(info.value)
+    assert f"reward_fn tests.test_rl:{fn.__name__} {what}" in msg, msg
+    assert "'second?'" in msg and "'the bad reply'" in msg, msg
+    assert isinstance(info.value, UserError)  # the CLI prints it as one error line
+    # a bad gold scorer is named as such
+    with pytest.raises(RewardError, match="gold_fn tests.test_rl"):
+        RewardSources(None, reward_fn=lambda r, y: 0.0, gold_fn=fn)(records, ["a", "b"])
+
+
+def test_reward_sources_refuse_a_nan_reward_model_score() -> None:
+    from lit_llm.rl import RewardError, RewardSources
+
+    class NaNModel:
+        def score(self, tok, prompts, responses):
+            return torch.tensor([0.0, float("nan")])
+
+    with pytest.raises(RewardError, match="reward model rm.ckpt scored nan on prompt 'b'"):
+        RewardSources(None, NaNModel(), reward_model_name="reward model rm.ckpt")(
+            [{"prompt": "a"}, {"prompt": "b"}], ["x", "y"]
+        )

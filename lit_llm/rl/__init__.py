@@ -21,8 +21,16 @@ tokens and 0 on right padding. One PPO step fits together like this:
    + vf_coef * value_loss(values, old_values, returns, mask, clip_eps_value)[0]``
    (optionally minus an entropy bonus from :func:`entropy_from_logits`). Log the returned stats
    (``clipfrac``, ``approx_kl``, ``ratio_mean``, ``vf_clipfrac``) and :func:`explained_variance`.
+
+GRPO (:mod:`lit_llm.rl.grpo`) has no critic: ``G`` replies per prompt, :func:`group_advantages` (reward minus
+the group mean, optionally over the group std) and :func:`grpo_loss` (the clipped surrogate with one advantage
+per reply plus a k3 KL term to the reference, aggregated per token by :func:`aggregate_loss`).
+
+What both stages share around the math (sampling, temperature-scaled logits, reward sources with clear errors
+on bad rewards) is in :mod:`lit_llm.rl.scoring`.
 """
 
+from lit_llm.rl.grpo import aggregate_loss, group_advantages, grpo_loss, zero_spread
 from lit_llm.rl.kl_controller import AdaptiveKLController, FixedKLController
 from lit_llm.rl.ppo_math import (
     KLKind,
@@ -39,9 +47,31 @@ from lit_llm.rl.ppo_math import (
     policy_loss,
     value_loss,
 )
+from lit_llm.rl.scoring import (
+    RewardError,
+    RewardSources,
+    Samples,
+    check_sampling_for_rl,
+    response_logits,
+    rollout_table,
+    sample_replies,
+    select_rows,
+)
 
 __all__ = [
     "AdaptiveKLController",
+    "RewardError",
+    "RewardSources",
+    "Samples",
+    "aggregate_loss",
+    "check_sampling_for_rl",
+    "group_advantages",
+    "grpo_loss",
+    "response_logits",
+    "rollout_table",
+    "sample_replies",
+    "select_rows",
+    "zero_spread",
     "FixedKLController",
     "KLKind",
     "compute_rewards",

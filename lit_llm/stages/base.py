@@ -1,19 +1,24 @@
 """What every stage shares: building the backbone (from a preset or a previous stage's checkpoint),
-storing config and tokenizer in checkpoints, AdamW with weight-decay groups, warmup + cosine schedule."""
+storing config and tokenizer in checkpoints, the optimizer (AdamW, or Muon beside AdamW), warmup + cosine."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
 
 from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.checkpoint import META_KEY, load_backbone
-from lit_llm.errors import CheckpointError
+from lit_llm.data.common import import_function
+from lit_llm.errors import CheckpointError, UserError
+from lit_llm.evaluation import RewardModel, chat_completions, gold_score
+from lit_llm.optim import build_optimizer
+from lit_llm.rl.scoring import RewardSources, rollout_table
 from lit_llm.tokenizer import Tokenizer
 
 RNG_KEY = "lit_llm_rng"
@@ -28,7 +33,8 @@ class Stage(LightningModule):
         vocab_size: Linked from the data's tokenizer by the CLI; never typed by hand.
         block_size: Linked from the data's sequence length by the CLI (at least that long).
         init_from: Start from this lit_llm checkpoint (weights, config and tokenizer come with it).
-        learning_rate: Peak AdamW learning rate.
+        learning_rate: Peak AdamW learning rate (with ``optimizer: muon``, that of the embeddings, heads,
+            norms and biases).
         weight_decay: Decoupled weight decay on matrices (not on norms, biases).
         betas: AdamW betas.
         warmup_steps: Linear warmup steps.
@@ -36,6 +42,14 @@ class Stage(LightningModule):
         compile: Compile each block's training forward with ``torch.compile`` (see ``lit_llm.transforms``).
         activation_checkpointing: Recompute each block's activations in the backward pass instead of storing
             them: less memory for about one more forward pass of compute; same loss and gradients.
+        optimizer: ``adamw`` on every parameter, or ``muon``: Muon (orthogonalised momentum) on the hidden
+            weight matrices (attention, MLP, each MoE expert), AdamW on embeddings, heads, norms and
+            biases; the warmup + cosine schedule scales both. See ``lit_llm.optim``.
+        muon_lr: Peak Muon learning rate; ``null`` uses ``learning_rate``.
+        muon_momentum: Muon's Nesterov momentum.
+        muon_adjust_lr: Muon's learning-rate scale per matrix shape: ``match_rms_adamw`` (``0.2 *
+            sqrt(max(out, in))``, an update as large as AdamW's, so AdamW's rates carry over) or
+            ``original`` (``sqrt(max(1, out / in))``, Keller Jordan's; wants ``muon_lr`` near 0.02).
     """
 
     stage_name = "base"
@@ -54,6 +68,10 @@ class Stage(LightningModule):
         min_lr_ratio: float = 0.1,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float | None = None,
+        muon_momentum: float = 0.95,
+        muon_adjust_lr: Literal["original", "match_rms_adamw"] = "match_rms_adamw",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -171,8 +189,15 @@ class Stage(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            param_groups(self.named_parameters(), hp.weight_decay), lr=hp.learning_rate, betas=tuple(hp.betas)
+        opt = build_optimizer(
+            self,
+            hp.get("optimizer", "adamw"),  # checkpoints written before the choice existed: AdamW
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            muon_lr=hp.get("muon_lr"),
+            muon_momentum=hp.get("muon_momentum", 0.95),
+            muon_adjust_lr=hp.get("muon_adjust_lr", "match_rms_adamw"),
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler(opt), "interval": "step"}}
 
@@ -182,6 +207,20 @@ class Stage(LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, max(total - 1, 0))
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, total, hp.min_lr_ratio))
+
+    def log_gold_score(self, max_new_tokens: int) -> None:
+        """Log ``val/exact_match``: the DataModule's gold scorer on greedy replies to its held-out prompts.
+
+        Does nothing when the data provides no scorer or prompts (``gold_reward``, ``eval_prompts()``), or
+        during Lightning's sanity check. The first replies become the TensorBoard samples (``sample_texts``).
+        """
+        scorer = self.data_hook("gold_reward")
+        records = self.data_hook("eval_prompts", lambda: [])()
+        if scorer is None or not records or self.trainer.sanity_checking:
+            return
+        score, replies = gold_score(self.model, self.tokenizer, records, scorer, max_new_tokens)
+        self.log("val/exact_match", score, prog_bar=True, rank_zero_only=True)
+        self._samples = [(r["prompt"], reply) for r, reply in zip(records[:4], replies)]
 
     def data_hook(self, name: str, default: Any = None) -> Any:
         """What the DataModule provides for this stage (``eval_prompts``, ``gold_reward``, ...), or ``default``.
@@ -194,26 +233,124 @@ class Stage(LightningModule):
         return getattr(dm, name, default) if dm is not None else default
 
 
-def param_groups(
-    named: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
-) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (``ndim >= 2``), none on norms, biases and other vectors.
-
-    Frozen parameters are left out; a parameter shared by several modules (a tied embedding) appears once.
-    """
-    seen: set[int] = set()
-    decay, no_decay = [], []
-    for _, p in named:
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Multiplier of the peak learning rate: linear warmup, then cosine decay to ``min_ratio``."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# reward functions that moved: the old spec is refused with the new one named
+_RENAMED = {"lit_llm.stages.ppo:tinyworld_gold": "lit_llm.data.tinyworld:gold_score"}
+
+
+def import_reward_fn(spec: str) -> Callable[[dict, str], float]:
+    """``"package.module:function"`` -> the function ``(record, reply) -> float``."""
+    if spec in _RENAMED:
+        raise UserError(f"{spec} was renamed: use {_RENAMED[spec]}")
+    return import_function(spec)
+
+
+class RLStage(Stage):
+    """What the online RL stages (PPO, GRPO) share on top of :class:`Stage`.
+
+    Manual optimisation (one training batch of prompts = one iteration: sample, score, several updates); the
+    reward sources (a reward model, a Python function, or their weighted sum, plus a gold reward that is
+    logged and never optimised); the policy's optimizer; validation on held-out prompts (greedy replies,
+    ``val/<part>`` per reward part, ``val/gold_reward``); a table of sampled replies in TensorBoard.
+    Subclasses call :meth:`init_rewards` after ``Stage.__init__`` and implement ``training_step``.
+    """
+
+    def init_rewards(
+        self,
+        reward_model: str | None,
+        reward_fn: str | None,
+        reward_model_weight: float,
+        reward_fn_weight: float,
+        gold_fn: str | None,
+    ) -> None:
+        """Load the frozen reward model (``self.rm``) and build ``self.rewards`` (a ``RewardSources``)."""
+        name, init_from = self.stage_name.upper(), self.hparams.init_from
+        if init_from is None:
+            raise UserError(f"{name} starts from an SFT model: set --model.init_from path/to/sft.ckpt")
+        if reward_model is None and reward_fn is None:
+            raise UserError(
+                f"{name} needs a reward: set --model.reward_model path/to/reward.ckpt and/or "
+                "--model.reward_fn module:function"
+            )
+        self.automatic_optimization = False
+        self.rm: RewardModel | None = None
+        if reward_model is not None:
+            self.rm, rm_tok = RewardModel.load(reward_model)
+            self.rm.requires_grad_(False)
+            if rm_tok.to_str() != self.tokenizer.to_str():
+                raise CheckpointError(
+                    f"{reward_model} uses a different tokenizer than the policy {init_from}"
+                )
+        self.rewards = RewardSources(
+            self.tokenizer,
+            self.rm,
+            import_reward_fn(reward_fn) if reward_fn else None,
+            reward_model_weight,
+            reward_fn_weight,
+            import_reward_fn(gold_fn) if gold_fn else None,
+            reward_model_name=f"reward model {reward_model}",
+        )
+
+    def score_replies(
+        self, records: list[dict], replies: list[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total reward ``(B,)`` and its parts by name (with the gold reward: the DataModule's by default)."""
+        return self.rewards(records, replies, self.device, self.data_hook("gold_reward"))
+
+    def build_optimizer(self, module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The stage's optimizer choice (AdamW, or Muon beside AdamW) over ``module``'s trainable parameters."""
+        hp = self.hparams
+        return build_optimizer(
+            module,
+            hp.get("optimizer", "adamw"),
+            lr=lr,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            muon_lr=hp.get("muon_lr"),
+            muon_momentum=hp.get("muon_momentum", 0.95),
+            muon_adjust_lr=hp.get("muon_adjust_lr", "match_rms_adamw"),
+        )
+
+    def step_schedulers(self) -> None:
+        """Advance every learning-rate schedule by one iteration (manual optimisation steps them itself)."""
+        scheds = self.lr_schedulers()
+        for sched in scheds if isinstance(scheds, list) else [] if scheds is None else [scheds]:
+            sched.step()
+
+    def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """``x`` reduced over the ranks (``"sum"`` or ``"mean"``); itself on a single process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return x
+        return trainer.strategy.reduce(x, reduce_op=op)
+
+    def validation_step(self, records: list[dict], batch_idx: int) -> None:
+        replies = chat_completions(
+            self.model, self.tokenizer, [r["prompt"] for r in records], self.hparams.eval_max_new_tokens
+        )
+        _, parts = self.score_replies(records, replies)
+        for k, v in parts.items():
+            name = "gold_reward" if k == "gold" else k
+            self.log(
+                f"val/{name}", v.float().mean(), prog_bar=k == "gold", batch_size=len(records), sync_dist=True
+            )
+        self._val_samples = list(zip([r["prompt"] for r in records[:6]], replies[:6]))
+
+    def sample_texts(self) -> list[tuple[str, str]]:
+        return getattr(self, "_val_samples", [])
+
+    @rank_zero_only
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """Every 25 iterations, a table of this iteration's prompts, replies and rewards in TensorBoard."""
+        exp = getattr(self.logger, "experiment", None)
+        last = getattr(self, "_last_rollout", None)
+        if exp is None or not hasattr(exp, "add_text") or last is None or batch_idx % 25:
+            return
+        exp.add_text("rollouts", rollout_table(*last), self.global_step)

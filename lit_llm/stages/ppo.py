@@ -16,24 +16,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from lit_llm import rl
-from lit_llm.backbone.generate import check_sampling, generate
 from lit_llm.backbone.heads import ScalarHeadModel
-from lit_llm.backbone.masks import padding_mask, positions_from_padding
 from lit_llm.checkpoint import load_backbone
-from lit_llm.data.common import import_function
 from lit_llm.errors import UserError
-from lit_llm.evaluation import RewardModel, chat_completions
-from lit_llm.stages.base import Stage, param_groups
+from lit_llm.rl.scoring import check_sampling_for_rl, response_logits
+from lit_llm.stages.base import RLStage
 
-RewardFn = Callable[[dict, str], float]
 # the KL controller's state in a checkpoint (an adaptive beta survives a resume)
 KL_CTL_KEY = "lit_llm_ppo_kl_ctl"
 
@@ -80,30 +74,10 @@ class Rollout:
 
     def select(self, idx: torch.Tensor) -> Rollout:
         """The rows ``idx`` (a minibatch): tensors with a batch dimension are indexed, the rest shared."""
-        picked = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v[idx]
-            elif isinstance(v, dict):
-                v = {k: t[idx] for k, t in v.items()}
-            elif isinstance(v, list):
-                v = [v[i] for i in idx.tolist()]
-            picked[f.name] = v
-        return Rollout(**picked)
+        return rl.select_rows(self, idx)
 
 
-_RENAMED = {"lit_llm.stages.ppo:tinyworld_gold": "lit_llm.data.tinyworld:gold_score"}
-
-
-def import_reward_fn(spec: str) -> RewardFn:
-    """``"package.module:function"`` -> the function ``(record, response) -> float``."""
-    if spec in _RENAMED:
-        raise UserError(f"{spec} was renamed: use {_RENAMED[spec]}")
-    return import_function(spec)
-
-
-class PPOModule(Stage):
+class PPOModule(RLStage):
     """PPO on a chat policy.
 
     Args:
@@ -188,41 +162,20 @@ class PPOModule(Stage):
         eval_max_new_tokens: int = 48,
         **kwargs: Any,
     ) -> None:
-        try:
-            check_sampling(temperature, top_k, top_p)
-        except ValueError as err:
-            raise UserError(f"ppo: {err}") from None
-        if temperature <= 0:
-            raise UserError(
-                f"PPO samples its rollouts: temperature must be > 0, got {temperature} (0 would be greedy)"
-            )
+        check_sampling_for_rl("ppo", temperature, top_k, top_p)
         kwargs.setdefault("learning_rate", 1e-5)
         kwargs.setdefault("warmup_steps", 10)
         kwargs.setdefault("min_lr_ratio", 1.0)
         kwargs.setdefault("weight_decay", 0.0)
         super().__init__(init_from=init_from, **kwargs)
-        if init_from is None:
-            raise UserError("PPO starts from an SFT model: set --model.init_from path/to/sft.ckpt")
-        if reward_model is None and reward_fn is None:
-            raise UserError(
-                "PPO needs a reward: set --model.reward_model path/to/reward.ckpt and/or --model.reward_fn"
-            )
-        self.automatic_optimization = False
+        self.init_rewards(reward_model, reward_fn, reward_model_weight, reward_fn_weight, gold_fn)
         self.ref = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.rm: RewardModel | None = None
-        if reward_model is not None:
-            self.rm, rm_tok = RewardModel.load(reward_model)
-            self.rm.requires_grad_(False)
-            if rm_tok.to_str() != self.tokenizer.to_str():
-                raise UserError(f"{reward_model} uses a different tokenizer than the policy {init_from}")
         if critic == "reward_model":
             if self.rm is None:
                 raise UserError("critic='reward_model' needs --model.reward_model (or use critic='policy')")
             self.critic = copy.deepcopy(self.rm).requires_grad_(True).train()
         else:
             self.critic = ScalarHeadModel(load_backbone(init_from)[0])
-        self.reward_fn = import_reward_fn(reward_fn) if reward_fn else None
-        self.gold_fn = import_reward_fn(gold_fn) if gold_fn else None
         self.kl_ctl = (
             rl.AdaptiveKLController(kl_coef, kl_target, kl_horizon)
             if kl_target
@@ -231,67 +184,31 @@ class PPOModule(Stage):
 
     # ----------------------------------------------------------------------------------------- helpers
     def configure_optimizers(self):
-        """AdamW for the policy and the critic (no decay on norms and biases), each with warmup + cosine.
+        """The policy's and the critic's optimizers (``optimizer``: AdamW, or Muon beside AdamW; no decay on
+        norms and biases), each with warmup + cosine.
 
         With manual optimisation Lightning counts training batches, i.e. PPO iterations, in
         ``estimated_stepping_batches``: the schedules are stepped once per iteration in ``training_step``.
         """
-        hp = self.hparams
-        policy = torch.optim.AdamW(
-            param_groups(self.model.named_parameters(), hp.weight_decay),
-            lr=hp.learning_rate,
-            betas=tuple(hp.betas),
-        )
-        critic = torch.optim.AdamW(
-            param_groups(self.critic.named_parameters(), hp.weight_decay),
-            lr=hp.critic_learning_rate,
-            betas=tuple(hp.betas),
-        )
+        policy = self.build_optimizer(self.model, self.hparams.learning_rate)
+        critic = self.build_optimizer(self.critic, self.hparams.critic_learning_rate)
         return [policy, critic], [self.lr_scheduler(policy), self.lr_scheduler(critic)]
 
     def _response_logits(self, model, seq: torch.Tensor, valid: torch.Tensor, P: int) -> torch.Tensor:
         """Temperature-scaled logits that predict each response token ``(B, N, V)`` (positions
         ``P-1 .. P+N-2``): the distribution the rollout sampled from, before any top-k/top-p truncation."""
-        logits = model(seq, positions_from_padding(valid), padding_mask(valid))
-        return logits[:, P - 1 : -1].float() / self.hparams.temperature
+        return response_logits(model, seq, valid, P, self.hparams.temperature)
 
     def _values(self, seq: torch.Tensor, valid: torch.Tensor, P: int) -> torch.Tensor:
         """The critic's value of the state before each response token ``(B, N)``."""
         return self.critic.values(seq, valid)[:, P - 1 : -1]
-
-    def _scores(
-        self, records: list[dict], replies: list[str]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hp, parts = self.hparams, {}
-        total = torch.zeros(len(records), device=self.device)
-        if self.rm is not None:
-            rm_score = self.rm.score(self.tokenizer, [r["prompt"] for r in records], replies).float()
-            parts["rm_score"] = rm_score
-            total = total + hp.reward_model_weight * rm_score
-        if self.reward_fn is not None:
-            fn = torch.tensor([self.reward_fn(r, y) for r, y in zip(records, replies)], device=self.device)
-            parts["reward_fn"] = fn
-            total = total + hp.reward_fn_weight * fn
-        gold_fn = self.gold_fn or self.data_hook("gold_reward")
-        if gold_fn is not None:
-            parts["gold"] = torch.tensor(
-                [gold_fn(r, y) for r, y in zip(records, replies)], device=self.device
-            )
-        return total, parts
-
-    def _reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        """``x`` reduced over the ranks (``"sum"`` or ``"mean"``); itself on a single process."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return x
-        return trainer.strategy.reduce(x, reduce_op=op)
 
     def _global_whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``masked_whiten`` with the mean and variance of the real entries of every rank (one statistic for
         the whole global batch, as a single process with all of it would compute)."""
         keep = mask.bool().expand_as(x)
         xf = torch.where(keep, x.float(), torch.zeros((), device=x.device))
-        sums = self._reduce(torch.stack([xf.sum(), xf.square().sum(), keep.sum().float()]), "sum")
+        sums = self.reduce(torch.stack([xf.sum(), xf.square().sum(), keep.sum().float()]), "sum")
         total, total_sq, n = sums.tolist()
         mean = total / max(n, 1.0)
         if n < 2:
@@ -309,31 +226,17 @@ class PPOModule(Stage):
         minibatch the policy ratio is exactly 1 and the value clip is centred on the values the update
         starts from. The caller switches the networks back to training mode for the updates.
         """
-        hp, tok = self.hparams, self.tokenizer
+        hp = self.hparams
         self.model.eval()
         self.critic.eval()
-        t0 = time.perf_counter()
-        out = generate(
-            self.model,
-            [tok.prompt_ids(r["prompt"]) for r in records],
-            hp.max_new_tokens,
-            hp.temperature,
-            hp.top_k,
-            hp.top_p,
-            stop_tokens=[tok.end_id, tok.eos_id],
-            pad_id=tok.pad_id,
+        s = rl.sample_replies(
+            self.model, self.tokenizer, records, hp.max_new_tokens, hp.temperature, hp.top_k, hp.top_p
         )
-        gen_time = time.perf_counter() - t0
-        # clone: generate() runs in inference mode, and autograd may not save inference tensors
-        seq, valid, P = out.sequences.clone(), out.valid.clone(), out.prompt_len
-        resp = seq[:, P:]
-        mask = valid[:, P:].float()  # (B, N)
-        replies = [tok.decode(r) for r in out.response_lists()]
-        ended = torch.isin(resp, torch.tensor([tok.end_id, tok.eos_id], device=resp.device)).any(-1)
+        seq, valid, P, resp, mask, replies, ended = s.seq, s.valid, s.P, s.resp, s.mask, s.replies, s.ended
         logprobs = rl.logprobs_from_logits(self._response_logits(self.model, seq, valid, P), resp)
         ref_logprobs = rl.logprobs_from_logits(self._response_logits(self.ref, seq, valid, P), resp)
         values = self._values(seq, valid, P)
-        scores, parts = self._scores(records, replies)
+        scores, parts = self.score_replies(records, replies)
         raw_scores = scores.clone()
         scores = scores - hp.missing_eos_penalty * (~ended).float()
         if hp.whiten_rewards:
@@ -359,7 +262,7 @@ class PPOModule(Stage):
             parts=parts,
             replies=replies,
             ended=ended,
-            gen_time=gen_time,
+            gen_time=s.gen_time,
         )
 
     def _update(self, mb: Rollout) -> dict[str, torch.Tensor]:
@@ -408,10 +311,9 @@ class PPOModule(Stage):
                     break
             if stop:
                 break
-        for sched in self._schedulers():
-            sched.step()
+        self.step_schedulers()
         # every rank adapts beta from the same (global mean) KL, so the coefficients never drift apart
-        kl_seq = self._reduce(ro.kl.sum(-1).mean(), "mean")
+        kl_seq = self.reduce(ro.kl.sum(-1).mean(), "mean")
         self.kl_ctl.update(float(kl_seq), B * self.trainer.world_size)
         step_time = time.perf_counter() - t0
         mask = ro.mask
@@ -435,12 +337,6 @@ class PPOModule(Stage):
         self.log("train/score", ro.scores.mean(), prog_bar=True, sync_dist=True)
         self._last_rollout = (records, ro.replies, ro.scores.tolist())
 
-    def _schedulers(self) -> list:
-        scheds = self.lr_schedulers()
-        if scheds is None:
-            return []
-        return scheds if isinstance(scheds, list) else [scheds]
-
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -450,32 +346,3 @@ class PPOModule(Stage):
         super().on_load_checkpoint(checkpoint)
         if KL_CTL_KEY in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint[KL_CTL_KEY])
-
-    # -------------------------------------------------------------------------------------- validation
-    def validation_step(self, records: list[dict], batch_idx: int) -> None:
-        replies = chat_completions(
-            self.model, self.tokenizer, [r["prompt"] for r in records], self.hparams.eval_max_new_tokens
-        )
-        _, parts = self._scores(records, replies)
-        for k, v in parts.items():
-            name = "gold_reward" if k == "gold" else k
-            self.log(
-                f"val/{name}", v.float().mean(), prog_bar=k == "gold", batch_size=len(records), sync_dist=True
-            )
-        self._val_samples = list(zip([r["prompt"] for r in records[:6]], replies[:6]))
-
-    def sample_texts(self) -> list[tuple[str, str]]:
-        return getattr(self, "_val_samples", [])
-
-    @rank_zero_only
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        exp = getattr(self.logger, "experiment", None)
-        if exp is None or not hasattr(exp, "add_text") or self.global_step % 25:
-            return
-        records, replies, scores = self._last_rollout
-        rows = ["| prompt | response | score |", "|---|---|---|"]
-        rows += [
-            f"| {r['prompt'][-80:]} | {y!r} | {s:.2f} |"
-            for r, y, s in list(zip(records, replies, scores))[:8]
-        ]
-        exp.add_text("rollouts", "\n".join(rows), self.global_step)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from lit_llm.errors import UserError
-from lit_llm.evaluation import gold_score
 from lit_llm.losses import masked_lm_loss
 from lit_llm.stages.base import Stage
 
@@ -42,13 +41,7 @@ class SFTModule(Stage):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        scorer = self.data_hook("gold_reward")
-        records = self.data_hook("eval_prompts", lambda: [])()
-        if scorer is None or not records or self.trainer.sanity_checking:
-            return
-        score, replies = gold_score(self.model, self.tokenizer, records, scorer, self.eval_max_new_tokens)
-        self.log("val/exact_match", score, prog_bar=True, rank_zero_only=True)
-        self._samples = [(r["prompt"], reply) for r, reply in zip(records[:4], replies)]
+        self.log_gold_score(self.eval_max_new_tokens)
 
     def sample_texts(self) -> list[tuple[str, str]]:
         return self._samples
