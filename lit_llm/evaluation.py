@@ -11,6 +11,8 @@ from lit_llm.backbone.heads import ScalarHeadModel
 from lit_llm.backbone.model import Transformer
 from lit_llm.checkpoint import load_backbone, load_checkpoint
 from lit_llm.errors import CheckpointError
+from lit_llm.rl.ppo_math import kl_estimate, logprobs_from_logits
+from lit_llm.rl.scoring import response_logits
 from lit_llm.tokenizer import Tokenizer
 
 
@@ -93,3 +95,58 @@ class RewardModel(ScalarHeadModel):
         ]
         ids, valid = left_pad(seqs, tok.pad_id, self.value_head.weight.device)
         return self(ids, valid)
+
+
+def score_by_difficulty(
+    records: Sequence[dict], replies: Sequence[str], scorer: Callable[[dict, str], float]
+) -> dict[int, float]:
+    """Mean ``scorer(record, reply)`` per ``record["difficulty"]`` (records without one count as 0)."""
+    sums: dict[int, list[float]] = {}
+    for r, reply in zip(records, replies):
+        sums.setdefault(int(r.get("difficulty", 0)), []).append(scorer(r, reply))
+    return {d: sum(v) / len(v) for d, v in sorted(sums.items())}
+
+
+@torch.no_grad()
+def sampled_kl(
+    policy: Transformer,
+    reference: Transformer,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Monte-Carlo ``KL(policy || reference)`` per reply, in nats: replies are sampled from the policy at
+    ``temperature`` and each contributes the sum over its tokens (the stop token included) of the k3
+    estimator ``r - 1 - log r``, ``r = q(y_t) / p(y_t)``: per token an unbiased, never negative estimate of
+    the KL of that step's distributions, so the sum estimates the KL of whole replies (chain rule). Both
+    models score with the same temperature. The same yardstick for every aligned policy (PPO, GRPO, DPO),
+    whatever each logged while training."""
+    was = policy.training, reference.training
+    policy.eval()
+    reference.eval()
+    total, n = 0.0, 0
+    try:
+        for i in range(0, len(prompts), batch_size):
+            ids = [tok.prompt_ids(p) for p in prompts[i : i + batch_size]]
+            out = generate(
+                policy,
+                ids,
+                max_new_tokens,
+                temperature,
+                stop_tokens=[tok.end_id, tok.eos_id],
+                pad_id=tok.pad_id,
+                generator=generator,
+            )
+            seq, valid, P = out.sequences.clone(), out.valid.clone(), out.prompt_len
+            resp, mask = seq[:, P:], valid[:, P:]
+            lp = logprobs_from_logits(response_logits(policy, seq, valid, P, temperature), resp)
+            lq = logprobs_from_logits(response_logits(reference, seq, valid, P, temperature), resp)
+            total += float((kl_estimate(lp, lq, "k3") * mask).sum())
+            n += len(ids)
+    finally:
+        policy.train(was[0])
+        reference.train(was[1])
+    return total / max(n, 1)

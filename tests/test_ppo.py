@@ -98,7 +98,7 @@ def test_ppo_refuses_a_missing_reward(sft_ckpt):
 def test_pipeline_runs_end_to_end(tmp_path, capsys):
     main(["pipeline", "--workdir", str(tmp_path), "--fast"])
     out = capsys.readouterr().out
-    assert "lit-llm pipeline on tinyworld" in out and "gold reward change" in out
+    assert "lit-llm pipeline on tinyworld" in out and "points" in out and "by question difficulty" in out
     summary = json.loads((tmp_path / "checkpoints/pipeline_summary.json").read_text())
     assert set(summary["minutes"]) == {"pretrain", "sft", "reward", "ppo"}
     # the summary's gold reward is the gold scorer on the PPO checkpoint's greedy replies, recomputed here
@@ -113,8 +113,34 @@ def test_pipeline_runs_end_to_end(tmp_path, capsys):
     assert summary["ppo_gold"] == pytest.approx(gold)
     # a few PPO iterations from the SFT policy at a small learning rate: the KL to it is small
     assert math.isfinite(summary["ppo_kl"]) and abs(summary["ppo_kl"]) < 1.0, summary["ppo_kl"]
+    assert 0.0 <= summary["ppo_kl_sft"] < 1.0, summary["ppo_kl_sft"]
+    by = summary["ppo_gold_by_difficulty"]
+    counts = {d: sum(r["difficulty"] == int(d) for r in records) for d in by}
+    assert sum(by[d] * counts[d] for d in by) == pytest.approx(summary["ppo_gold"] * len(records))
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert (tmp_path / f"checkpoints/{stage}/last.ckpt").is_file()
+    # GRPO and DPO from the same SFT checkpoint, in one summary with PPO's yardsticks
+    main(
+        [
+            "pipeline",
+            "--workdir",
+            str(tmp_path),
+            "--fast",
+            "--skip",
+            "pretrain",
+            "sft",
+            "--align",
+            "grpo",
+            "dpo",
+        ]
+    )
+    out = capsys.readouterr().out
+    both = json.loads((tmp_path / "checkpoints/pipeline_summary.json").read_text())
+    assert both["align"] == ["grpo", "dpo"] and set(both["minutes"]) == {"grpo", "dpo"}
+    assert both["sft_gold"] == summary["sft_gold"]  # the same SFT policy on the same prompts
+    for name in ("grpo", "dpo"):
+        assert (tmp_path / f"checkpoints/{name}/last.ckpt").is_file()
+        assert math.isfinite(both[f"{name}_kl_sft"]) and name in out
     # the accurate reward model's two steps, then PPO against it, from the same SFT policy
     main(["pipeline", "--workdir", str(tmp_path), "--fast", "--skip", "pretrain", "sft", "--reward_long"])
     from lit_llm.checkpoint import load_checkpoint

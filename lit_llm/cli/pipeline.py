@@ -1,9 +1,12 @@
-"""``lit-llm pipeline``: pretraining -> SFT -> reward model -> PPO on tinyworld, then one summary table.
+"""``lit-llm pipeline``: pretraining -> SFT -> (reward model) -> alignment on tinyworld, then a summary.
 
 Each stage is the same ``lit-llm fit --config configs/<stage>/...`` a user would type, started from the
-previous stage's ``last.ckpt``. Outputs land in ``<workdir>/checkpoints/`` (TensorBoard logs under
-``checkpoints/logs``). The summary compares the SFT and the PPO policy on the *same* held-out prompts
-with tinyworld's gold reward (is the answer right?), which PPO never saw as a training signal.
+previous stage's ``last.ckpt``. The alignment is PPO (against the reward model), GRPO (against tinyworld's
+verifier) or DPO (on preference pairs), or all three from the same SFT checkpoint (``--align all``).
+Outputs land in ``<workdir>/checkpoints/`` (TensorBoard logs under ``checkpoints/logs``). The summary
+compares the SFT policy and every aligned one on the *same* held-out test prompts with tinyworld's gold
+reward (is the answer right?), greedy and sampled, by difficulty, with the KL of each to the SFT policy
+measured the same way for all.
 """
 
 from __future__ import annotations
@@ -16,12 +19,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
+ALIGN = ("ppo", "grpo", "dpo")
 CONFIGS = {
     "pretrain": "pretrain/tiny.yaml",
     "sft": "sft/tinyworld.yaml",
     "reward": "reward/tinyworld.yaml",
     "ppo": "ppo/tinyworld.yaml",
+    "grpo": "grpo/tinyworld.yaml",
+    "dpo": "dpo/tinyworld.yaml",
+}
+# the number each stage reports in the summary, from its last logged metrics
+METRICS = {
+    "pretrain": ("val/loss",),
+    "sft": ("val/loss",),
+    "reward": ("val/acc",),
+    "ppo": ("ppo/kl", "ppo/rm_score"),
+    "grpo": ("grpo/kl_seq", "grpo/reward_mean"),
+    "dpo": ("val/acc", "val/margin"),
 }
 # each stage starts from the previous stage's checkpoint (PPO: the SFT policy plus the reward model)
 INIT = {
@@ -34,6 +49,8 @@ INIT = {
         "--model.reward_model",
         "checkpoints/reward/last.ckpt",
     ],
+    "grpo": ["--model.init_from", "checkpoints/sft/last.ckpt"],
+    "dpo": ["--model.init_from", "checkpoints/sft/last.ckpt"],
 }
 QUIET = ["--trainer.enable_model_summary", "false"]
 # --fast: a smoke run of the whole chain in well under a minute (used by the tests)
@@ -84,6 +101,32 @@ FAST = {
         "--data.val_prompts",
         "16",
     ],
+    "grpo": [
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--data.batch_size",
+        "4",
+        "--data.val_prompts",
+        "16",
+        "--model.group_size",
+        "4",
+        "--model.minibatch_size",
+        "16",
+    ],
+    "dpo": [
+        "--trainer.max_steps",
+        "5",
+        "--trainer.val_check_interval",
+        "5",
+        "--data.tinyworld_train",
+        "160",
+        "--data.tinyworld_val",
+        "32",
+        "--data.tinyworld_eval",
+        "8",
+    ],
 }
 
 
@@ -100,16 +143,30 @@ def _metric(cli: Any, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def stages_to_run(align: list[str]) -> list[str]:
+    """The stages of the chain for these alignment methods (the reward model only when PPO needs it)."""
+    return ["pretrain", "sft", *(["reward"] if "ppo" in align else []), *align]
+
+
 def main(argv: Sequence[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         prog="lit-llm pipeline",
-        description="Run pretraining -> SFT -> reward model -> PPO on tinyworld and print a summary table.",
+        description="Run pretraining -> SFT -> (reward model) -> alignment on tinyworld and print a summary "
+        "table: gold reward of every policy on the same held-out test prompts, and its KL to the SFT policy.",
     )
     p.add_argument("--workdir", default=".", help="where checkpoints/ and data_cache/ go (default: here)")
     p.add_argument("--configs", default=None, help="the configs/ folder (default: ./configs or the repo's)")
     p.add_argument("--seed", type=int, default=0, help="seed_everything for every stage")
     p.add_argument("--fast", action="store_true", help="a smoke run with tiny settings (under a minute)")
     p.add_argument("--eval_prompts", type=int, default=300, help="held-out prompts scored by the gold reward")
+    p.add_argument(
+        "--align",
+        nargs="+",
+        default=["ppo"],
+        choices=[*ALIGN, "all"],
+        help="how to align the SFT policy: ppo (reward model; trains one first), grpo (tinyworld's "
+        "verifier), dpo (preference pairs), several, or all: each starts from the same SFT checkpoint",
+    )
     p.add_argument(
         "--skip", nargs="*", default=[], choices=STAGES, help="reuse existing last.ckpt of these stages"
     )
@@ -125,6 +182,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
             f"--{stage}_args", default="", help=f"extra CLI overrides for the {stage} stage (one string)"
         )
     a = p.parse_args(argv)
+    align = list(ALIGN) if "all" in a.align else [m for m in ALIGN if m in a.align]
 
     import shlex
 
@@ -133,16 +191,16 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     from lit_llm.checkpoint import load_backbone
     from lit_llm.cli.lightning import run_lightning
     from lit_llm.data import tinyworld
-    from lit_llm.evaluation import gold_score
+    from lit_llm.evaluation import gold_score, sampled_kl, score_by_difficulty
 
     configs = find_configs(a.configs)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(work)
-    rows: dict[str, Any] = {"minutes": {}}
+    rows: dict[str, Any] = {"minutes": {}, "align": align}
     try:
-        for stage in STAGES:
+        for stage in stages_to_run(align):
             ckpt = Path(f"checkpoints/{stage}/last.ckpt")
             if stage in a.skip:
                 if not ckpt.is_file():
@@ -172,23 +230,30 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
             print(f"\n=== {stage}: lit-llm {' '.join(args)}", flush=True)
             cli = run_lightning(args)
             rows["minutes"][stage] = (time.perf_counter() - t0) / 60
-            if stage == "pretrain":
-                rows["pretrain_val_loss"] = _metric(cli, "val/loss")
-            elif stage == "sft":
-                rows["sft_val_loss"] = _metric(cli, "val/loss")
-            elif stage == "reward":
-                rows["reward_val_acc"] = _metric(cli, "val/acc")
-            else:
-                rows["ppo_kl"] = _metric(cli, "ppo/kl")
-                rows["ppo_rm_score"] = _metric(cli, "ppo/rm_score")
+            for key in METRICS[stage]:
+                rows[f"{stage}_{key.replace('/', '_')}"] = _metric(cli, key)
+        # the keys earlier summaries had (benchmarks read them)
+        rows.update(
+            pretrain_val_loss=rows.get("pretrain_val_loss"),
+            sft_val_loss=rows.get("sft_val_loss"),
+            reward_val_acc=rows.get("reward_val_acc"),
+            ppo_kl=rows.get("ppo_ppo_kl"),
+            ppo_rm_score=rows.get("ppo_ppo_rm_score"),
+        )
         records = tinyworld.rl_prompts(8 if a.fast else a.eval_prompts, "test")
-        for name in ("sft", "ppo"):
+        prompts = [r["prompt"] for r in records]
+        sft, _, _ = load_backbone("checkpoints/sft/last.ckpt")
+        for name in ("sft", *align):
             model, tok, _ = load_backbone(f"checkpoints/{name}/last.ckpt")
-            rows[f"{name}_gold"], _ = gold_score(model, tok, records, tinyworld.gold_score)
+            rows[f"{name}_gold"], replies = gold_score(model, tok, records, tinyworld.gold_score)
+            rows[f"{name}_gold_by_difficulty"] = score_by_difficulty(records, replies, tinyworld.gold_score)
             torch.manual_seed(a.seed)
             rows[f"{name}_gold_sampled"], _ = gold_score(
                 model, tok, records, tinyworld.gold_score, temperature=1.0
             )
+            if name != "sft":
+                gen = torch.Generator().manual_seed(a.seed)
+                rows[f"{name}_kl_sft"] = sampled_kl(model, sft, tok, prompts, generator=gen)
         Path("checkpoints/pipeline_summary.json").write_text(json.dumps(rows, indent=2))
     finally:
         os.chdir(cwd)
@@ -211,24 +276,32 @@ def print_summary(rows: dict[str, Any]) -> None:
     t.add_row("pretrain", f"val loss {fmt(rows.get('pretrain_val_loss'))}", f"{m.get('pretrain', 0):.1f}")
     t.add_row(
         "sft",
-        f"val loss {fmt(rows.get('sft_val_loss'))}; exact answer (gold) {fmt(rows['sft_gold'], True)}",
+        f"val loss {fmt(rows.get('sft_val_loss'))}; gold {fmt(rows['sft_gold'], True)} greedy, "
+        f"{fmt(rows['sft_gold_sampled'], True)} sampled at T=1",
         f"{m.get('sft', 0):.1f}",
     )
-    t.add_row(
-        "reward",
-        f"held-out pairwise accuracy {fmt(rows.get('reward_val_acc'), True)}",
-        f"{m.get('reward', 0):.1f}",
-    )
-    t.add_row(
-        "ppo",
-        f"gold {fmt(rows['ppo_gold'], True)} (SFT {fmt(rows['sft_gold'], True)}); sampled at T=1: "
-        f"{fmt(rows['ppo_gold_sampled'], True)} (SFT {fmt(rows['sft_gold_sampled'], True)}); "
-        f"KL to SFT {fmt(rows.get('ppo_kl'))}",
-        f"{m.get('ppo', 0):.1f}",
-    )
-    t.add_row(
-        "total",
-        f"gold reward change: {100 * (rows['ppo_gold'] - rows['sft_gold']):+.1f} points",
-        f"{sum(m.values()):.1f}",
-    )
+    if "reward" in m or rows.get("reward_val_acc") is not None:
+        t.add_row(
+            "reward",
+            f"held-out pairwise accuracy {fmt(rows.get('reward_val_acc'), True)}",
+            f"{m.get('reward', 0):.1f}",
+        )
+    for name in rows["align"]:
+        change = 100 * (rows[f"{name}_gold"] - rows["sft_gold"])
+        t.add_row(
+            name,
+            f"gold {fmt(rows[f'{name}_gold'], True)} greedy ({change:+.1f} points), "
+            f"{fmt(rows[f'{name}_gold_sampled'], True)} sampled; KL to SFT {fmt(rows.get(f'{name}_kl_sft'))} nats",
+            f"{m.get(name, 0):.1f}",
+        )
+    t.add_row("total", "", f"{sum(m.values()):.1f}")
     Console().print(t)
+    levels = sorted({d for name in ("sft", *rows["align"]) for d in rows[f"{name}_gold_by_difficulty"]})
+    d = Table(title="gold (greedy) by question difficulty")
+    d.add_column("policy")
+    for level in levels:
+        d.add_column(f"difficulty {level}", justify="right")
+    for name in ("sft", *rows["align"]):
+        by = rows[f"{name}_gold_by_difficulty"]
+        d.add_row(name, *(fmt(by.get(level), True) for level in levels))
+    Console().print(d)
