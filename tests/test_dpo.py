@@ -229,3 +229,28 @@ def test_fit_and_validate_through_the_cli(sft_ckpt, tmp_path, monkeypatch, capsy
         assert metric in out, out
     with pytest.raises(UserError, match="pairs_for dpo"):
         main(["fit", "--config", cfg, *args, "--data.pairs_for", "reward", "--trainer.max_steps", "1"])
+
+
+def test_held_out_prompts_of_a_file_skip_bad_records_and_read_message_prompts(tmp_path):
+    import json
+
+    from lit_llm.data.formats import RecordError
+    from lit_llm.data.preference import PreferenceDataModule
+
+    good = {
+        "prompt": [{"role": "user", "content": "Where is Bob?"}],
+        "chosen": "park",
+        "rejected": "shop",
+        "answer": "park",
+    }
+    bad = {"chosen": 3, "rejected": "shop"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good] * 8 + [bad, good]) + "\n")
+    kw = dict(
+        source=str(path), gold_fn="lit_llm.data.tinyworld:gold_score", val_fraction=0.2, tinyworld_eval=5
+    )
+    dm = PreferenceDataModule(skip_bad_records=True, **kw)
+    prompts = dm.eval_prompts()
+    assert [p["prompt"] for p in prompts] == ["Where is Bob?"] and prompts[0]["answer"] == "park"
+    with pytest.raises(RecordError, match="held-out record 0"):
+        PreferenceDataModule(**kw).eval_prompts()

@@ -303,3 +303,17 @@ def test_fit_through_the_cli(sft_ckpt, ckpts, tmp_path, monkeypatch):
             ckpts["reward"],
         ]
     )
+
+
+def test_fewer_prompts_than_one_rollout_is_a_clear_error(tmp_path):
+    import json
+
+    from lit_llm.data.prompts import PromptDataModule
+    from lit_llm.errors import DataError
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}"}) for i in range(5)) + "\n")
+    dm = PromptDataModule(source=str(path), batch_size=8)
+    dm.setup()
+    with pytest.raises(DataError, match="fewer than one rollout of batch_size=8"):
+        dm.train_dataloader()

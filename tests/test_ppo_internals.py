@@ -259,3 +259,19 @@ def test_whitening_statistics_are_global_across_ranks(ckpts):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]).float()
     both = rl.masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]))[:3]
     torch.testing.assert_close(m._global_whiten(x, mask), both)
+
+
+def test_early_stop_is_decided_by_all_ranks(ckpts, tmp_path, monkeypatch):
+    """Under DDP a rank over target_kl_stop stops every rank: here the local KL is below the limit, and the
+    (simulated) other rank is over it, so the iteration stops after its first minibatch."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    def another_rank_is_over(self, decision, all=True):
+        return True if not all else decision
+
+    monkeypatch.setattr(SingleDeviceStrategy, "reduce_boolean_decision", another_rank_is_over)
+    torch.manual_seed(0)
+    m = _module(ckpts, learning_rate=1e-6, ppo_epochs=2, minibatch_size=1, target_kl_stop=10.0)
+    trainer, calls = _fit(m, tmp_path)
+    assert len(calls) == 1 and float(calls[0]["approx_kl"]) < 10.0
+    assert float(trainer.callback_metrics["ppo/early_stop"]) == 1.0

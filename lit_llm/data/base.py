@@ -39,9 +39,16 @@ def is_builtin(source: str) -> bool:
 
 
 def prompt_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A record with a ``prompt`` string: as it is, or the first user turn of a conversation record."""
+    """A record with a ``prompt`` string: as it is, the last user turn of a ``prompt`` given as messages, or
+    the first user turn of a conversation record (the other fields are kept for the scorer)."""
     if isinstance(record.get("prompt"), str):
         return record
+    if isinstance(record.get("prompt"), list):
+        users = [
+            m.get("content") for m in record["prompt"] if isinstance(m, dict) and m.get("role") == "user"
+        ]
+        if users and isinstance(users[-1], str):
+            return {**record, "prompt": users[-1]}
     if detect_format(record) in ("messages", "hh", "alpaca"):
         conv = to_conversations(record)[0]
         users = [m["content"] for m in conv if m["role"] == "user"]
@@ -140,6 +147,23 @@ class RecordDataModule(LightningDataModule):
                 bad += 1
         self.stats["bad_records_skipped"] = bad
         return split_train_val(out, self.val_fraction, self.source, self.kind)
+
+    def held_out_prompts(self, n: int) -> list[dict[str, Any]]:
+        """Up to ``n`` prompt records (``prompt_record``) from the held-out part of a file / ``hf:`` source,
+        malformed ones skipped when ``skip_bad_records`` is set, else refused by position."""
+        _, val = split_train_val(read_records(self.source), self.val_fraction, self.source)
+        out: list[dict[str, Any]] = []
+        for i, rec in enumerate(val):
+            if len(out) == n:
+                break
+            try:
+                out.append(prompt_record(rec))
+            except (RecordError, KeyError, TypeError) as err:
+                if not self.skip_bad_records:
+                    raise RecordError(
+                        f"{self.source}, held-out record {i}: {err} (pass --data.skip_bad_records true to skip it)"
+                    ) from err
+        return out
 
     def builtin_items(self) -> tuple[list, list]:
         raise NotImplementedError

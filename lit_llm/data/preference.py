@@ -18,8 +18,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from lit_llm.data import tinyworld
-from lit_llm.data.base import BUILTIN, RecordDataModule, is_builtin, prompt_record
-from lit_llm.data.common import read_records, split_train_val
+from lit_llm.data.base import BUILTIN, RecordDataModule, is_builtin
 from lit_llm.data.formats import Message, RecordError, parse_hh
 from lit_llm.errors import DataError, UserError
 from lit_llm.losses import IGNORE_INDEX
@@ -230,8 +229,7 @@ class PreferenceDataModule(RecordDataModule):
         if is_builtin(self.source):
             return tinyworld.rl_prompts(n, "val", self.world)
         if not self._eval_records:
-            _, val = split_train_val(read_records(self.source), self.val_fraction, self.source)
-            self._eval_records = [prompt_record(r) for r in val[:n]]
+            self._eval_records = self.held_out_prompts(n)
         return self._eval_records
 
     def tokenize(self, items: list[tuple], split: str) -> list[Pair] | list[SharedPair]:

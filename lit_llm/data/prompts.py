@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from lit_llm.data import tinyworld
 from lit_llm.data.base import BUILTIN, RecordDataModule, prompt_record
+from lit_llm.errors import DataError
 
 
 class PromptDataModule(RecordDataModule):
@@ -66,6 +67,11 @@ class PromptDataModule(RecordDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # every rollout has batch_size prompts: a short last batch would change the group statistics
+        if len(self.train_examples) < self.batch_size:
+            raise DataError(
+                f"{self.source}: {len(self.train_examples)} training prompts, fewer than one rollout of "
+                f"batch_size={self.batch_size}: lower --data.batch_size or add prompts"
+            )
         return self._loader(self.train_examples, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -306,7 +306,10 @@ class PPOModule(RLStage):
             for idx in torch.randperm(B, device=self.device).split(hp.minibatch_size):
                 for k, v in self._update(ro.select(idx)).items():
                     stats.setdefault(k, []).append(v)
-                if hp.target_kl_stop is not None and stats["approx_kl"][-1] > hp.target_kl_stop:
+                over = hp.target_kl_stop is not None and bool(stats["approx_kl"][-1] > hp.target_kl_stop)
+                # decided together (any rank over the limit stops all): a rank that stopped alone would wait
+                # in the next all-reduce while the others wait in their next backward pass
+                if self.trainer.strategy.reduce_boolean_decision(over, all=False):
                     stop = True
                     break
             if stop:
