@@ -106,15 +106,18 @@ def run_lightning(args: Sequence[str] | None) -> LitLLMCLI:
 
 DESCRIPTION = """lit-llm: train and use a Llama-style LLM, stage by stage.
 
-Training (LightningCLI; `lit-llm fit --help` lists every option of a config):
+Training (LightningCLI; `lit-llm fit --model.help CLASS` explains a stage's options; every config
+is composed with lit_llm/cli/base.yaml, see it with --print_config):
   lit-llm fit --config configs/pretrain/tiny.yaml          pretrain on the built-in tinyworld text
   lit-llm fit --config configs/sft/tinyworld.yaml          supervised fine-tuning
   lit-llm fit --config configs/reward/tinyworld.yaml       reward model
-  lit-llm fit --config configs/ppo/tinyworld.yaml          RLHF with PPO
+  lit-llm fit --config configs/ppo/tinyworld.yaml          RLHF with PPO against the reward model
+  lit-llm fit --config configs/grpo/tinyworld.yaml         GRPO against tinyworld's verifier
+  lit-llm fit --config configs/dpo/tinyworld.yaml          DPO on preference pairs
   lit-llm validate|test --config ... --ckpt_path CKPT      evaluate a checkpoint
 Helpers (each has --help):
   lit-llm generate --ckpt CKPT --prompt TEXT               continue a prompt
   lit-llm chat --ckpt CKPT                                 multi-turn chat in the terminal
-  lit-llm pipeline [--fast]                                all four stages on tinyworld + a summary
+  lit-llm pipeline [--fast] [--align ppo|grpo|dpo|all]     the whole chain on tinyworld + a summary
   lit-llm export --ckpt CKPT --out DIR                     a Hugging Face folder (safetensors)
 """
