@@ -6,13 +6,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from lit_llm.backbone.generate import generate, left_pad
+from lit_llm.backbone.generate import left_pad
 from lit_llm.backbone.heads import ScalarHeadModel
 from lit_llm.backbone.model import Transformer
 from lit_llm.checkpoint import load_backbone, load_checkpoint
 from lit_llm.errors import CheckpointError
 from lit_llm.rl.ppo_math import kl_estimate, logprobs_from_logits
-from lit_llm.rl.scoring import response_logits
+from lit_llm.rl.scoring import response_logits, sample_replies
 from lit_llm.tokenizer import Tokenizer
 
 
@@ -31,16 +31,8 @@ def chat_completions(
     replies: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            ids = [tok.prompt_ids(p) for p in prompts[i : i + batch_size]]
-            out = generate(
-                model,
-                ids,
-                max_new_tokens,
-                temperature,
-                stop_tokens=[tok.end_id, tok.eos_id],
-                pad_id=tok.pad_id,
-            )
-            replies += [tok.decode(r) for r in out.response_lists()]
+            records = [{"prompt": p} for p in prompts[i : i + batch_size]]
+            replies += sample_replies(model, tok, records, max_new_tokens, temperature).replies
     finally:
         model.train(was_training)
     return replies
@@ -130,22 +122,12 @@ def sampled_kl(
     total, n = 0.0, 0
     try:
         for i in range(0, len(prompts), batch_size):
-            ids = [tok.prompt_ids(p) for p in prompts[i : i + batch_size]]
-            out = generate(
-                policy,
-                ids,
-                max_new_tokens,
-                temperature,
-                stop_tokens=[tok.end_id, tok.eos_id],
-                pad_id=tok.pad_id,
-                generator=generator,
-            )
-            seq, valid, P = out.sequences.clone(), out.valid.clone(), out.prompt_len
-            resp, mask = seq[:, P:], valid[:, P:]
-            lp = logprobs_from_logits(response_logits(policy, seq, valid, P, temperature), resp)
-            lq = logprobs_from_logits(response_logits(reference, seq, valid, P, temperature), resp)
-            total += float((kl_estimate(lp, lq, "k3") * mask).sum())
-            n += len(ids)
+            records = [{"prompt": p} for p in prompts[i : i + batch_size]]
+            s = sample_replies(policy, tok, records, max_new_tokens, temperature, generator=generator)
+            lp = logprobs_from_logits(response_logits(policy, s.seq, s.valid, s.P, temperature), s.resp)
+            lq = logprobs_from_logits(response_logits(reference, s.seq, s.valid, s.P, temperature), s.resp)
+            total += float((kl_estimate(lp, lq, "k3") * s.mask).sum())
+            n += len(records)
     finally:
         policy.train(was[0])
         reference.train(was[1])

@@ -95,6 +95,8 @@ class RecordDataModule(LightningDataModule):
             import_function(gold_fn) if gold_fn else (tinyworld.gold_score if is_builtin(source) else None)
         )
         self._tokenizer: Tokenizer | None = None
+        self.n_eval = 0  # held-out prompts for eval_prompts(); subclasses set it from their arguments
+        self._eval_records: list[dict[str, Any]] | None = None
         self.stats: dict[str, int] = {}
         self.train_examples: list = []
         self.val_examples: list = []
@@ -126,8 +128,17 @@ class RecordDataModule(LightningDataModule):
         return self._gold
 
     def eval_prompts(self) -> list[dict[str, Any]]:
-        """Held-out prompts the stage answers and ``gold_reward`` scores after each validation."""
-        return []
+        """Held-out prompts the stage answers and ``gold_reward`` scores after each validation: ``n_eval`` of
+        tinyworld's validation questions, or of a file's held-out records (built once, then reused)."""
+        if self.gold_reward is None or self.n_eval <= 0:
+            return []
+        if self._eval_records is None:
+            self._eval_records = (
+                tinyworld.rl_prompts(self.n_eval, "val", self.world)
+                if is_builtin(self.source)
+                else self.held_out_prompts(self.n_eval)
+            )
+        return self._eval_records
 
     # ------------------------------------------------------------------------------------------ records
     def items(self) -> tuple[list, list]:

@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from lit_llm.data import tinyworld
-from lit_llm.data.base import BUILTIN, RecordDataModule, is_builtin
+from lit_llm.data.base import BUILTIN, RecordDataModule
 from lit_llm.data.formats import Message, RecordError, parse_hh
 from lit_llm.errors import DataError, UserError
 from lit_llm.losses import IGNORE_INDEX
@@ -205,8 +205,7 @@ class PreferenceDataModule(RecordDataModule):
             raise UserError(f"pairs_for must be 'reward' or 'dpo', got {pairs_for!r}")
         self.seq_len, self.wrong_person, self.pairs_for = seq_len, tinyworld_wrong_person, pairs_for
         self.tinyworld_sizes = (tinyworld_train, tinyworld_val)
-        self.tinyworld_eval = tinyworld_eval
-        self._eval_records: list[dict] = []
+        self.n_eval = tinyworld_eval
 
     def builtin_items(self) -> tuple[list, list]:
         """(train, validation) lists of (prompt messages, chosen, rejected)."""
@@ -220,17 +219,6 @@ class PreferenceDataModule(RecordDataModule):
 
     def convert_record(self, record: dict[str, Any]) -> list:
         return [split_pair(record)]
-
-    def eval_prompts(self) -> list[dict[str, Any]]:
-        """Held-out prompts for ``gold_reward``: tinyworld's, or the held-out records of a file."""
-        if self.gold_reward is None or self.tinyworld_eval <= 0:
-            return []
-        n = self.tinyworld_eval
-        if is_builtin(self.source):
-            return tinyworld.rl_prompts(n, "val", self.world)
-        if not self._eval_records:
-            self._eval_records = self.held_out_prompts(n)
-        return self._eval_records
 
     def tokenize(self, items: list[tuple], split: str) -> list[Pair] | list[SharedPair]:
         tok, out = self.tokenizer, []

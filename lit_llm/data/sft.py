@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lit_llm.backbone.masks import packed_mask, positions_from_segments
 from lit_llm.data import tinyworld
-from lit_llm.data.base import BUILTIN, RecordDataModule, is_builtin
+from lit_llm.data.base import BUILTIN, RecordDataModule
 from lit_llm.data.formats import Format, to_conversations
 from lit_llm.errors import DataError
 from lit_llm.losses import IGNORE_INDEX
@@ -138,11 +138,11 @@ class SFTDataModule(RecordDataModule):
         )
         self.format, self.seq_len, self.pack, self.too_long = format, seq_len, pack, too_long
         self.system_prompt = system_prompt
-        self.tinyworld_sizes = (tinyworld_train, tinyworld_val, tinyworld_eval)
-        self._eval_records: list[dict] = []
+        self.tinyworld_sizes = (tinyworld_train, tinyworld_val)
+        self.n_eval = tinyworld_eval
 
     def builtin_items(self) -> tuple[list, list]:
-        n_train, n_val, _ = self.tinyworld_sizes
+        n_train, n_val = self.tinyworld_sizes
 
         def convs(split: str, n: int) -> list[list[dict]]:
             return [
@@ -154,17 +154,6 @@ class SFTDataModule(RecordDataModule):
 
     def convert_record(self, record: dict[str, Any]) -> list:
         return to_conversations(record, self.format)
-
-    def eval_prompts(self) -> list[dict[str, Any]]:
-        """Held-out prompts for ``gold_reward``: tinyworld's, or the held-out records of a file."""
-        if self.gold_reward is None:
-            return []
-        n = self.tinyworld_sizes[2]
-        if is_builtin(self.source):
-            return tinyworld.rl_prompts(n, "val", self.world)
-        if not self._eval_records:
-            self._eval_records = self.held_out_prompts(n)
-        return self._eval_records
 
     def tokenize(self, items: list[list[dict]], split: str) -> list[Example]:
         tok, out = self.tokenizer, []

@@ -55,7 +55,6 @@ from lit_llm.rl.scoring import (
     response_logits,
     rollout_table,
     sample_replies,
-    select_rows,
 )
 
 __all__ = [
@@ -70,7 +69,6 @@ __all__ = [
     "response_logits",
     "rollout_table",
     "sample_replies",
-    "select_rows",
     "zero_spread",
     "FixedKLController",
     "KLKind",

@@ -98,6 +98,24 @@ class Samples:
     ended: Tensor
     gen_time: float
 
+    def select(self: T, idx: Tensor) -> T:
+        """The rows ``idx`` (a minibatch), of this class or a rollout that extends it.
+
+        Tensors and lists are indexed along their first (batch) dimension, dicts of tensors entry by entry;
+        everything else (the prompt length, timings, ``None``) is shared.
+        """
+        picked = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                v = v[idx]
+            elif isinstance(v, dict):
+                v = {k: t[idx] for k, t in v.items()}
+            elif isinstance(v, list):
+                v = [v[i] for i in idx.tolist()]
+            picked[f.name] = v
+        return type(self)(**picked)
+
 
 @torch.no_grad()
 def sample_replies(
@@ -108,6 +126,7 @@ def sample_replies(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> Samples:
     """Sample one reply per record (``{"prompt": str, ...}``) from ``model`` (put it in eval mode first).
 
@@ -123,6 +142,7 @@ def sample_replies(
         top_p,
         stop_tokens=[tok.end_id, tok.eos_id],
         pad_id=tok.pad_id,
+        generator=generator,
     )
     gen_time = time.perf_counter() - t0
     # clone: generate() runs in inference mode, and autograd may not save inference tensors
@@ -254,25 +274,6 @@ class RewardSources:
                 call_scorer(gold_fn, records, replies, "gold_fn"), device=total.device
             )
         return total, parts
-
-
-def select_rows(rollout: T, idx: Tensor) -> T:
-    """The rows ``idx`` of a rollout dataclass (a minibatch).
-
-    Tensors and lists are indexed along their first (batch) dimension, dicts of tensors entry by entry;
-    everything else (the prompt length, timings, ``None``) is shared.
-    """
-    picked = {}
-    for f in dataclasses.fields(rollout):
-        v = getattr(rollout, f.name)
-        if isinstance(v, Tensor):
-            v = v[idx]
-        elif isinstance(v, dict):
-            v = {k: t[idx] for k, t in v.items()}
-        elif isinstance(v, list):
-            v = [v[i] for i in idx.tolist()]
-        picked[f.name] = v
-    return type(rollout)(**picked)
 
 
 def rollout_table(

@@ -27,43 +27,24 @@ from lit_llm.stages.base import RLStage
 
 
 @dataclass
-class GroupRollout:
-    """What a GRPO rollout hands to the updates: ``B = n_prompts * group_size`` replies, a group's replies in
-    consecutive rows; token tensors are ``(B, N)`` over the reply tokens.
+class GroupRollout(rl.Samples):
+    """What a GRPO rollout hands to the updates: ``B = n_prompts * group_size`` sampled replies
+    (``rl.Samples``), a group's replies in consecutive rows, and what GRPO computed about them.
 
     Attributes:
-        seq: ``(B, P + N)`` left-padded prompts followed by the sampled replies.
-        valid: ``(B, P + N)`` True on real tokens.
-        P: The padded prompt length; ``resp = seq[:, P:]``.
-        resp: The sampled reply tokens.
-        mask: 1.0 on real reply tokens, 0.0 on padding after a stop.
-        logprobs: Rollout-time (eval mode, temperature-scaled) policy log-probs of ``resp``.
+        logprobs: ``(B, N)`` rollout-time (eval mode, temperature-scaled) policy log-probs of ``resp``.
         ref_logprobs: The same for the frozen reference; ``None`` without a KL term (``kl_coef`` 0).
-        advantages: ``(B,)`` group-relative advantage of each reply.
+        advantages: ``(B,)`` group-relative advantage of each reply (a minibatch's rows keep the
+            advantages computed over their whole groups).
         rewards: ``(B,)`` total reward of each reply.
         parts: ``(B,)`` parts of the reward and the gold reward, by name.
-        replies: The decoded replies.
-        ended: ``(B,)`` whether each reply stopped before ``max_new_tokens``.
-        gen_time: Seconds spent generating.
     """
 
-    seq: torch.Tensor
-    valid: torch.Tensor
-    P: int
-    resp: torch.Tensor
-    mask: torch.Tensor
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor | None
     advantages: torch.Tensor
     rewards: torch.Tensor
     parts: dict[str, torch.Tensor]
-    replies: list[str]
-    ended: torch.Tensor
-    gen_time: float
-
-    def select(self, idx: torch.Tensor) -> GroupRollout:
-        """The rows ``idx`` (a minibatch of replies; their advantages were computed over whole groups)."""
-        return rl.select_rows(self, idx)
 
 
 class GRPOModule(RLStage):
@@ -190,19 +171,12 @@ class GRPOModule(RLStage):
             )
         rewards, parts = self.score_replies(grouped, s.replies)
         return GroupRollout(
-            seq=s.seq,
-            valid=s.valid,
-            P=s.P,
-            resp=s.resp,
-            mask=s.mask,
+            **vars(s),
             logprobs=logprobs,
             ref_logprobs=ref_logprobs,
             advantages=rl.group_advantages(rewards, G, hp.scale_rewards),
             rewards=rewards,
             parts=parts,
-            replies=s.replies,
-            ended=s.ended,
-            gen_time=s.gen_time,
         )
 
     def _update(self, mb: GroupRollout) -> dict[str, torch.Tensor]:

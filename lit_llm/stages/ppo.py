@@ -33,15 +33,11 @@ KL_CTL_KEY = "lit_llm_ppo_kl_ctl"
 
 
 @dataclass
-class Rollout:
-    """What a rollout hands to the PPO updates: token tensors are ``(B, N)`` over the response tokens.
+class Rollout(rl.Samples):
+    """What a rollout hands to the PPO updates: the sampled replies (``rl.Samples``) and, ``(B, N)`` over
+    their tokens, what PPO computed about them.
 
     Attributes:
-        seq: ``(B, P + N)`` left-padded prompts followed by the sampled replies.
-        valid: ``(B, P + N)`` True on real tokens.
-        P: The padded prompt length; ``resp = seq[:, P:]``.
-        resp: The sampled response tokens.
-        mask: 1.0 on real response tokens, 0.0 on padding after a stop.
         logprobs: Rollout-time (eval mode, temperature-scaled) policy log-probs of ``resp``.
         ref_logprobs: The same for the frozen reference.
         values: Rollout-time critic values of the state before each response token.
@@ -50,16 +46,8 @@ class Rollout:
         kl: Per-token KL estimate used in the reward.
         scores: ``(B,)`` total reward of each reply before penalties and whitening.
         parts: ``(B,)`` parts of the reward and the gold reward, by name.
-        replies: The decoded replies.
-        ended: ``(B,)`` whether each reply stopped before ``max_new_tokens``.
-        gen_time: Seconds spent generating.
     """
 
-    seq: torch.Tensor
-    valid: torch.Tensor
-    P: int
-    resp: torch.Tensor
-    mask: torch.Tensor
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
@@ -68,13 +56,6 @@ class Rollout:
     kl: torch.Tensor
     scores: torch.Tensor
     parts: dict[str, torch.Tensor]
-    replies: list[str]
-    ended: torch.Tensor
-    gen_time: float
-
-    def select(self, idx: torch.Tensor) -> Rollout:
-        """The rows ``idx`` (a minibatch): tensors with a batch dimension are indexed, the rest shared."""
-        return rl.select_rows(self, idx)
 
 
 class PPOModule(RLStage):
@@ -232,26 +213,20 @@ class PPOModule(RLStage):
         s = rl.sample_replies(
             self.model, self.tokenizer, records, hp.max_new_tokens, hp.temperature, hp.top_k, hp.top_p
         )
-        seq, valid, P, resp, mask, replies, ended = s.seq, s.valid, s.P, s.resp, s.mask, s.replies, s.ended
-        logprobs = rl.logprobs_from_logits(self._response_logits(self.model, seq, valid, P), resp)
-        ref_logprobs = rl.logprobs_from_logits(self._response_logits(self.ref, seq, valid, P), resp)
-        values = self._values(seq, valid, P)
-        scores, parts = self.score_replies(records, replies)
-        raw_scores = scores.clone()
-        scores = scores - hp.missing_eos_penalty * (~ended).float()
+        logprobs = rl.logprobs_from_logits(self._response_logits(self.model, s.seq, s.valid, s.P), s.resp)
+        ref_logprobs = rl.logprobs_from_logits(self._response_logits(self.ref, s.seq, s.valid, s.P), s.resp)
+        values = self._values(s.seq, s.valid, s.P)
+        raw_scores, parts = self.score_replies(records, s.replies)
+        scores = raw_scores - hp.missing_eos_penalty * (~s.ended).float()
         if hp.whiten_rewards:
             scores = self._global_whiten(scores, torch.ones_like(scores))
         rewards, kl = rl.compute_rewards(
-            scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, hp.kl_estimator, hp.score_clip
+            scores, logprobs, ref_logprobs, s.mask, self.kl_ctl.value, hp.kl_estimator, hp.score_clip
         )
-        advantages, returns = rl.gae(rewards, values, mask, hp.gamma, hp.lam)
-        advantages = self._global_whiten(advantages, mask)
+        advantages, returns = rl.gae(rewards, values, s.mask, hp.gamma, hp.lam)
+        advantages = self._global_whiten(advantages, s.mask)
         return Rollout(
-            seq=seq,
-            valid=valid,
-            P=P,
-            resp=resp,
-            mask=mask,
+            **vars(s),
             logprobs=logprobs,
             ref_logprobs=ref_logprobs,
             values=values,
@@ -260,9 +235,6 @@ class PPOModule(RLStage):
             kl=kl,
             scores=raw_scores,
             parts=parts,
-            replies=replies,
-            ended=ended,
-            gen_time=s.gen_time,
         )
 
     def _update(self, mb: Rollout) -> dict[str, torch.Tensor]:
