@@ -114,3 +114,40 @@ def sft_ckpt(pretrain_ckpt, tmp_path_factory):
     finally:
         os.chdir(cwd)
     return work / "checkpoints/sft/last.ckpt"
+
+
+@pytest.fixture
+def fit_rl(tmp_path):
+    """``fit(module, records, batches=1, batch_size=4)``: run ``batches`` iterations of an RL stage (PPO,
+    GRPO) on ``records`` with a bare Trainer; returns the trainer and the stats of every ``_update`` call."""
+    from lightning import Trainer
+    from torch.utils.data import DataLoader
+
+    def fit(module, records, batches=1, batch_size=4):
+        calls = []
+        update = module._update
+
+        def recording_update(mb):
+            stats = update(mb)
+            calls.append(stats)
+            return stats
+
+        module._update = recording_update
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=1,
+            limit_train_batches=batches,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        rows = (list(records) * batches)[: batches * batch_size]
+        trainer.fit(module, train_dataloaders=DataLoader(rows, batch_size=batch_size, collate_fn=list))
+        return trainer, calls
+
+    return fit

@@ -58,38 +58,6 @@ def _module(ckpts, policy="sft", **kw):
     return GRPOModule(init_from=ckpts[policy], **kw)
 
 
-def _fit(module, tmp_path, batches=1, batch_size=4):
-    """Run ``batches`` GRPO iterations; returns the trainer and the stats of every ``_update`` call."""
-    from lightning import Trainer
-    from torch.utils.data import DataLoader
-
-    calls = []
-    update = module._update
-
-    def recording_update(mb):
-        stats = update(mb)
-        calls.append(stats)
-        return stats
-
-    module._update = recording_update
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=batches,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    records = (RECORDS * batches)[: batches * batch_size]
-    trainer.fit(module, train_dataloaders=DataLoader(records, batch_size=batch_size, collate_fn=list))
-    return trainer, calls
-
-
 def test_group_size_below_two_is_refused(ckpts):
     from lit_llm.errors import UserError
 
@@ -108,19 +76,19 @@ def test_refuses_a_missing_reward_and_bad_settings(ckpts):
             _module(ckpts, **kw)
 
 
-def test_kl_coef_zero_keeps_no_reference_and_no_kl_term(ckpts, tmp_path):
+def test_kl_coef_zero_keeps_no_reference_and_no_kl_term(ckpts, fit_rl):
     torch.manual_seed(0)
     m = _module(ckpts, kl_coef=0.0)
     assert m.ref is None
     assert not any(k.startswith("ref.") for k in m.state_dict())
-    trainer, calls = _fit(m, tmp_path)
+    trainer, calls = fit_rl(m, RECORDS)
     assert calls and all("kl" not in c for c in calls)
     assert "grpo/kl" not in trainer.callback_metrics and "grpo/kl_seq" not in trainer.callback_metrics
     # with a KL term the reference is a frozen copy, and the KL is measured and logged
     torch.manual_seed(0)
     m = _module(ckpts, kl_coef=0.1)
     assert m.ref is not None and not any(p.requires_grad for p in m.ref.parameters())
-    trainer, calls = _fit(m, tmp_path)
+    trainer, calls = fit_rl(m, RECORDS)
     assert "kl" in calls[0] and "grpo/kl" in trainer.callback_metrics
 
 
@@ -151,7 +119,7 @@ def test_groups_are_consecutive_replies_to_one_prompt(ckpts):
     )
 
 
-def test_first_minibatch_has_ratio_one(ckpts, tmp_path):
+def test_first_minibatch_has_ratio_one(ckpts, fit_rl):
     """Temperature-scaled log-probs of the policy that sampled, scored in eval mode: the first update compares
     the policy with itself even for a model built with dropout; the second epoch sees the updated policy."""
     torch.manual_seed(0)
@@ -166,7 +134,7 @@ def test_first_minibatch_has_ratio_one(ckpts, tmp_path):
         learning_rate=1e-2,
         kl_coef=0.1,
     )
-    _, calls = _fit(m, tmp_path)
+    _, calls = fit_rl(m, RECORDS)
     first = calls[0]
     assert abs(float(first["ratio_mean"]) - 1) < 1e-5
     assert float(first["approx_kl"]) < 1e-8 and float(first["clipfrac"]) == 0.0
@@ -174,23 +142,23 @@ def test_first_minibatch_has_ratio_one(ckpts, tmp_path):
     assert len(calls) == 2 and float(calls[1]["approx_kl"]) > 1e-6
 
 
-def test_zero_spread_groups_leave_the_policy_unchanged(ckpts, tmp_path):
+def test_zero_spread_groups_leave_the_policy_unchanged(ckpts, fit_rl):
     """Every reply gets the same reward: no group carries a signal, and (without a KL term) nothing moves."""
     torch.manual_seed(0)
     m = _module(ckpts, reward_fn="tests.test_grpo:constant_reward", kl_coef=0.0, learning_rate=1e-2)
     before = {k: v.clone() for k, v in m.model.state_dict().items()}
-    trainer, calls = _fit(m, tmp_path)
+    trainer, calls = fit_rl(m, RECORDS)
     assert float(trainer.callback_metrics["grpo/zero_spread_fraction"]) == 1.0
     assert float(trainer.callback_metrics["grpo/reward_mean"]) == pytest.approx(0.5)
     assert all(torch.equal(v, m.model.state_dict()[k]) for k, v in before.items())
 
 
-def test_learning_rate_schedule_and_no_decay_on_norms(ckpts, tmp_path):
+def test_learning_rate_schedule_and_no_decay_on_norms(ckpts, fit_rl):
     from lit_llm.stages.base import lr_lambda
 
     torch.manual_seed(0)
     m = _module(ckpts, warmup_steps=2, min_lr_ratio=0.5, learning_rate=1e-3, weight_decay=0.1)
-    trainer, _ = _fit(m, tmp_path, batches=3, batch_size=1)
+    trainer, _ = fit_rl(m, RECORDS, batches=3, batch_size=1)
     total = int(trainer.estimated_stepping_batches)
     assert total == 3  # one stepping batch per GRPO iteration
     opt = m.optimizers()

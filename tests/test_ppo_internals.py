@@ -51,38 +51,6 @@ def _module(ckpts, policy="sft", **kw):
     return PPOModule(init_from=ckpts[policy], reward_model=ckpts["reward"], **kw)
 
 
-def _fit(module, tmp_path, batches=1, batch_size=4):
-    """Run ``batches`` PPO iterations; returns the trainer and the stats of every ``_update`` call."""
-    from lightning import Trainer
-    from torch.utils.data import DataLoader
-
-    calls = []
-    update = module._update
-
-    def recording_update(mb):
-        stats = update(mb)
-        calls.append(stats)
-        return stats
-
-    module._update = recording_update
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_train_batches=batches,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    records = (RECORDS * batches)[: batches * batch_size] if batch_size <= len(RECORDS) else RECORDS * 2
-    trainer.fit(module, train_dataloaders=DataLoader(records, batch_size=batch_size, collate_fn=list))
-    return trainer, calls
-
-
 def _full_logits(model, seq, valid):
     return model(seq, positions_from_padding(valid), padding_mask(valid)).float()
 
@@ -124,10 +92,10 @@ def test_rollout_scores_in_eval_mode_even_with_dropout(ckpts):
     torch.testing.assert_close(ro.values * ro.mask, values * ro.mask)
 
 
-def test_first_minibatch_has_ratio_one_and_no_kl(ckpts, tmp_path):
+def test_first_minibatch_has_ratio_one_and_no_kl(ckpts, fit_rl):
     torch.manual_seed(0)
     m = _module(ckpts, temperature=0.7, top_k=20, ppo_epochs=2, minibatch_size=4, learning_rate=1e-3)
-    _, calls = _fit(m, tmp_path)
+    _, calls = fit_rl(m, RECORDS)
     first = calls[0]
     assert abs(float(first["ratio_mean"]) - 1) < 1e-5
     assert float(first["approx_kl"]) < 1e-8
@@ -135,27 +103,27 @@ def test_first_minibatch_has_ratio_one_and_no_kl(ckpts, tmp_path):
     assert len(calls) == 2  # the second epoch ran with the updated policy
 
 
-def test_first_minibatch_has_ratio_one_with_dropout_in_the_model(ckpts, tmp_path):
+def test_first_minibatch_has_ratio_one_with_dropout_in_the_model(ckpts, fit_rl):
     """A model built with dropout: the updates run without it by default (disable_dropout), so the first
     minibatch compares the policy with itself; with dropout in the updates the ratio is dropout noise."""
     torch.manual_seed(0)
     m = _module(ckpts, policy="sft_dropout", critic="policy", temperature=0.7, minibatch_size=4)
-    _, calls = _fit(m, tmp_path)
+    _, calls = fit_rl(m, RECORDS)
     assert abs(float(calls[0]["ratio_mean"]) - 1) < 1e-5 and float(calls[0]["approx_kl"]) < 1e-8
     torch.manual_seed(0)
     m = _module(
         ckpts, policy="sft_dropout", critic="policy", temperature=0.7, minibatch_size=4, disable_dropout=False
     )
-    _, calls = _fit(m, tmp_path)
+    _, calls = fit_rl(m, RECORDS)
     assert float(calls[0]["approx_kl"]) > 1e-4
 
 
-def test_reference_frozen_and_policy_trained(ckpts, tmp_path):
+def test_reference_frozen_and_policy_trained(ckpts, fit_rl):
     torch.manual_seed(0)
     m = _module(ckpts, learning_rate=1e-2, ppo_epochs=2, minibatch_size=2, target_kl_stop=None)
     ref = {k: v.clone() for k, v in m.ref.state_dict().items()}
     policy = {k: v.clone() for k, v in m.model.state_dict().items()}
-    _fit(m, tmp_path)
+    fit_rl(m, RECORDS)
     assert all(torch.equal(v, m.ref.state_dict()[k]) for k, v in ref.items())
     assert any(not torch.equal(v, m.model.state_dict()[k]) for k, v in policy.items())
 
@@ -177,10 +145,10 @@ def test_critic_starts_as_the_reward_model(ckpts):
     torch.testing.assert_close(ro.values * ro.mask, rm_values[:, ro.P - 1 : -1] * ro.mask)
 
 
-def test_target_kl_stop_stops_early(ckpts, tmp_path):
+def test_target_kl_stop_stops_early(ckpts, fit_rl):
     torch.manual_seed(0)
     m = _module(ckpts, learning_rate=1e-2, ppo_epochs=2, minibatch_size=1, target_kl_stop=1e-9)
-    trainer, calls = _fit(m, tmp_path)
+    trainer, calls = fit_rl(m, RECORDS)
     # the first minibatch sees the rollout policy (KL 0); the second sees the updated one and stops the
     # iteration: neither the rest of the epoch nor the second epoch run
     assert len(calls) == 2, [float(c["approx_kl"]) for c in calls]
@@ -189,14 +157,14 @@ def test_target_kl_stop_stops_early(ckpts, tmp_path):
 
     torch.manual_seed(0)
     m = _module(ckpts, learning_rate=1e-2, ppo_epochs=2, minibatch_size=1, target_kl_stop=None)
-    trainer, calls = _fit(m, tmp_path)
+    trainer, calls = fit_rl(m, RECORDS)
     assert len(calls) == 8 and float(trainer.callback_metrics["ppo/early_stop"]) == 0.0
 
 
-def test_adaptive_kl_coef_moves_and_survives_a_checkpoint(ckpts, tmp_path):
+def test_adaptive_kl_coef_moves_and_survives_a_checkpoint(ckpts, tmp_path, fit_rl):
     torch.manual_seed(0)
     m = _module(ckpts, kl_coef=0.1, kl_target=1.0, kl_horizon=10.0, minibatch_size=4)
-    trainer, _ = _fit(m, tmp_path)
+    trainer, _ = fit_rl(m, RECORDS)
     assert m.kl_ctl.value != pytest.approx(0.1)
     assert float(trainer.callback_metrics["ppo/kl_coef"]) == pytest.approx(m.kl_ctl.value)
     path = tmp_path / "ppo.ckpt"
@@ -206,12 +174,12 @@ def test_adaptive_kl_coef_moves_and_survives_a_checkpoint(ckpts, tmp_path):
     assert resumed.kl_ctl.value == pytest.approx(m.kl_ctl.value)
 
 
-def test_learning_rate_schedule_and_no_decay_on_norms(ckpts, tmp_path):
+def test_learning_rate_schedule_and_no_decay_on_norms(ckpts, fit_rl):
     from lit_llm.stages.base import lr_lambda
 
     torch.manual_seed(0)
     m = _module(ckpts, warmup_steps=2, min_lr_ratio=0.5, learning_rate=1e-3, weight_decay=0.1)
-    trainer, _ = _fit(m, tmp_path, batches=3, batch_size=1)
+    trainer, _ = fit_rl(m, RECORDS, batches=3, batch_size=1)
     total = int(trainer.estimated_stepping_batches)
     assert total == 3  # one stepping batch per PPO iteration
     policy_opt, critic_opt = m.optimizers()
@@ -261,7 +229,7 @@ def test_whitening_statistics_are_global_across_ranks(ckpts):
     torch.testing.assert_close(m._global_whiten(x, mask), both)
 
 
-def test_early_stop_is_decided_by_all_ranks(ckpts, tmp_path, monkeypatch):
+def test_early_stop_is_decided_by_all_ranks(ckpts, monkeypatch, fit_rl):
     """Under DDP a rank over target_kl_stop stops every rank: here the local KL is below the limit, and the
     (simulated) other rank is over it, so the iteration stops after its first minibatch."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -272,6 +240,6 @@ def test_early_stop_is_decided_by_all_ranks(ckpts, tmp_path, monkeypatch):
     monkeypatch.setattr(SingleDeviceStrategy, "reduce_boolean_decision", another_rank_is_over)
     torch.manual_seed(0)
     m = _module(ckpts, learning_rate=1e-6, ppo_epochs=2, minibatch_size=1, target_kl_stop=10.0)
-    trainer, calls = _fit(m, tmp_path)
+    trainer, calls = fit_rl(m, RECORDS)
     assert len(calls) == 1 and float(calls[0]["approx_kl"]) < 10.0
     assert float(trainer.callback_metrics["ppo/early_stop"]) == 1.0
