@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.data.text import TextDataModule
+from lit_llm.losses import next_token_loss
 from lit_llm.optim import build_optimizer
 from lit_llm.stages.base import lr_lambda
 
@@ -86,11 +87,7 @@ def train(args, dm: TextDataModule, optimizer: str, lr: float, muon_lr: float | 
             batches = iter(loader)
             x, y = next(batches)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+        train_step(model, opt, params, x, y, args.grad_clip)
         sched.step()
         times.append(time.perf_counter() - t0)
         if step % args.eval_every == 0 or step == args.steps:
@@ -112,6 +109,15 @@ def train(args, dm: TextDataModule, optimizer: str, lr: float, muon_lr: float | 
     }
 
 
+def train_step(model, opt, params, x, y, grad_clip: float) -> None:
+    """One optimizer step on the next-token loss of ``(x, y)``, gradients clipped to ``grad_clip``."""
+    loss = next_token_loss(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def lockstep_timing(args, dm: TextDataModule, muon_lr: float, steps: int) -> dict[str, float]:
     """Median ms per training step of AdamW and Muon, alternating one step of each on two copies of the
     model with the same batch, so both see the same load from other processes on the machine."""
@@ -130,11 +136,7 @@ def lockstep_timing(args, dm: TextDataModule, muon_lr: float, steps: int) -> dic
             break
         for model, opt, params, times in runs.values():
             t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
+            train_step(model, opt, params, x, y, args.grad_clip)
             times.append(time.perf_counter() - t0)
     return {name: 1000 * statistics.median(r[3][10:]) for name, r in runs.items()}
 
