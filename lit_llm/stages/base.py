@@ -188,18 +188,22 @@ class Stage(LightningModule):
         raise NotImplementedError
 
     def configure_optimizers(self):
+        opt = self.build_optimizer(self, self.hparams.learning_rate)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler(opt), "interval": "step"}}
+
+    def build_optimizer(self, module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The stage's optimizer choice (AdamW, or Muon beside AdamW) over ``module``'s trainable parameters."""
         hp = self.hparams
-        opt = build_optimizer(
-            self,
+        return build_optimizer(
+            module,
             hp.get("optimizer", "adamw"),  # checkpoints written before the choice existed: AdamW
-            lr=hp.learning_rate,
+            lr=lr,
             weight_decay=hp.weight_decay,
             betas=tuple(hp.betas),
             muon_lr=hp.get("muon_lr"),
             muon_momentum=hp.get("muon_momentum", 0.95),
             muon_adjust_lr=hp.get("muon_adjust_lr", "match_rms_adamw"),
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler(opt), "interval": "step"}}
 
     def lr_scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at the run's last step."""
@@ -304,24 +308,10 @@ class RLStage(Stage):
         """Total reward ``(B,)`` and its parts by name (with the gold reward: the DataModule's by default)."""
         return self.rewards(records, replies, self.device, self.data_hook("gold_reward"))
 
-    def build_optimizer(self, module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        """The stage's optimizer choice (AdamW, or Muon beside AdamW) over ``module``'s trainable parameters."""
-        hp = self.hparams
-        return build_optimizer(
-            module,
-            hp.get("optimizer", "adamw"),
-            lr=lr,
-            weight_decay=hp.weight_decay,
-            betas=tuple(hp.betas),
-            muon_lr=hp.get("muon_lr"),
-            muon_momentum=hp.get("muon_momentum", 0.95),
-            muon_adjust_lr=hp.get("muon_adjust_lr", "match_rms_adamw"),
-        )
-
     def step_schedulers(self) -> None:
         """Advance every learning-rate schedule by one iteration (manual optimisation steps them itself)."""
-        scheds = self.lr_schedulers()
-        for sched in scheds if isinstance(scheds, list) else [] if scheds is None else [scheds]:
+        scheds = self.lr_schedulers() or []
+        for sched in scheds if isinstance(scheds, list) else [scheds]:
             sched.step()
 
     def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
