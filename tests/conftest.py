@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -151,3 +153,32 @@ def fit_rl(tmp_path):
         return trainer, calls
 
     return fit
+
+
+def _variant(src, dst, stage=None, dropout=None):
+    """A copy of checkpoint ``src``: relabelled as ``stage`` (a reward model gets a value head), or with
+    ``dropout`` in its model config."""
+    ckpt = torch.load(src, weights_only=False, map_location="cpu")
+    meta = ckpt["lit_llm"]
+    if dropout is not None:
+        meta["model_config"]["dropout"] = dropout
+    if stage == "reward":
+        meta["stage"] = "reward"
+        n_embd = meta["model_config"]["n_embd"]
+        g = torch.Generator().manual_seed(0)
+        ckpt["state_dict"]["value_head.weight"] = torch.randn(1, n_embd, generator=g) / math.sqrt(n_embd)
+        ckpt["state_dict"]["value_head.bias"] = torch.tensor([0.3])
+    torch.save(ckpt, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def rl_ckpts(sft_ckpt, tmp_path_factory):
+    """The SFT checkpoint, a reward model made from it (a fixed random value head) and a copy with dropout
+    0.3: what the PPO and GRPO internals tests start from."""
+    d = tmp_path_factory.mktemp("rl_ckpts")
+    return {
+        "sft": str(sft_ckpt),
+        "reward": _variant(sft_ckpt, d / "reward.ckpt", stage="reward"),
+        "sft_dropout": _variant(sft_ckpt, d / "sft_dropout.ckpt", dropout=0.3),
+    }

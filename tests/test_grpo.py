@@ -9,7 +9,6 @@ import torch
 from lit_llm.cli import main
 
 from .conftest import QUIET, ROOT
-from .test_ppo_internals import _variant
 
 PROMPTS = ["Where is the cat?", "Who has the apple?", "What is in the box?", "Where does Tom live?"]
 RECORDS = [{"prompt": p} for p in PROMPTS]
@@ -39,13 +38,8 @@ def raising_reward(record: dict, response: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def ckpts(sft_ckpt, tmp_path_factory):
-    d = tmp_path_factory.mktemp("grpo_ckpts")
-    return {
-        "sft": str(sft_ckpt),
-        "reward": _variant(sft_ckpt, d / "reward.ckpt", stage="reward"),
-        "sft_dropout": _variant(sft_ckpt, d / "sft_dropout.ckpt", dropout=0.3),
-    }
+def ckpts(rl_ckpts):
+    return rl_ckpts
 
 
 def _module(ckpts, policy="sft", **kw):

@@ -3,8 +3,6 @@ initialisation, early stopping, the KL coefficient in checkpoints, the learning-
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -16,31 +14,9 @@ PROMPTS = ["Where is the cat?", "Who has the apple?", "What is in the box?", "Wh
 RECORDS = [{"prompt": p} for p in PROMPTS]
 
 
-def _variant(src, dst, stage=None, dropout=None):
-    """A copy of checkpoint ``src``: relabelled as ``stage`` (a reward model gets a value head), or with
-    ``dropout`` in its model config."""
-    ckpt = torch.load(src, weights_only=False, map_location="cpu")
-    meta = ckpt["lit_llm"]
-    if dropout is not None:
-        meta["model_config"]["dropout"] = dropout
-    if stage == "reward":
-        meta["stage"] = "reward"
-        n_embd = meta["model_config"]["n_embd"]
-        g = torch.Generator().manual_seed(0)
-        ckpt["state_dict"]["value_head.weight"] = torch.randn(1, n_embd, generator=g) / math.sqrt(n_embd)
-        ckpt["state_dict"]["value_head.bias"] = torch.tensor([0.3])
-    torch.save(ckpt, dst)
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
-def ckpts(sft_ckpt, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ppo_ckpts")
-    return {
-        "sft": str(sft_ckpt),
-        "reward": _variant(sft_ckpt, d / "reward.ckpt", stage="reward"),
-        "sft_dropout": _variant(sft_ckpt, d / "sft_dropout.ckpt", dropout=0.3),
-    }
+def ckpts(rl_ckpts):
+    return rl_ckpts
 
 
 def _module(ckpts, policy="sft", **kw):
