@@ -324,6 +324,7 @@ def chat_template(tokenizer: Tokenizer) -> str:
 def _add_metadata(w: gguf.GGUFWriter, config: ModelConfig, arch: str, dtype: GGUFType) -> None:
     w.add_name(config.name)
     w.add_file_type(FILE_TYPES[dtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(config.vocab_size)
     w.add_context_length(config.block_size)
     w.add_embedding_length(config.n_embd)

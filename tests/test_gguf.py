@@ -465,3 +465,23 @@ def test_llama_cpp_decodes_as_we_do(tmp_path, sft_ckpt):
     result = compare(sft_ckpt, tmp_path / "sft.gguf", n_prompts=5, max_new_tokens=16)
     assert result["prompt_tokens_equal"] == result["n_prompts"]
     assert result["greedy_equal"] == result["n_prompts"], result["mismatches"]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LLAMA_CPP_DIR"),
+    reason="set LLAMA_CPP_DIR to a llama.cpp source folder (its converter)",
+)
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(tie_embeddings=False, rope_scaling_factor=8.0, rope_original_max_seq_len=16), LLAMA4_OK],
+    ids=["llama", "llama4"],
+)
+def test_same_file_as_llama_cpp_converter(tmp_path, bpe, overrides):
+    """llama.cpp's convert_hf_to_gguf.py on our Hugging Face export writes the same tensors and metadata."""
+    from benchmarks.gguf import crosscheck_converter
+
+    r = crosscheck_converter(_model(**overrides), bpe, os.environ["LLAMA_CPP_DIR"], tmp_path)
+    assert r["tensors"] > 10
+    assert r["tensor_names_differ"] == r["keys_differ"] == []
+    # every weight bit-identical; only the Llama-3 RoPE factors differ in float32 rounding
+    assert set(r["tensors_differ"]) <= {"rope_freqs.weight"} and r["max_rel_diff"] < 1e-6
