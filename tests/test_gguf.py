@@ -460,7 +460,7 @@ def _llama_cpp_available() -> bool:
 )
 def test_llama_cpp_decodes_as_we_do(tmp_path, sft_ckpt):
     """llama.cpp itself: same prompt tokens and the same greedy tokens as our decoding."""
-    from benchmarks.gguf import compare
+    from benchmarks.gguf_llama_cpp import compare
 
     result = compare(sft_ckpt, tmp_path / "sft.gguf", n_prompts=5, max_new_tokens=16)
     assert result["prompt_tokens_equal"] == result["n_prompts"]
@@ -478,7 +478,7 @@ def test_llama_cpp_decodes_as_we_do(tmp_path, sft_ckpt):
 )
 def test_same_file_as_llama_cpp_converter(tmp_path, bpe, overrides):
     """llama.cpp's convert_hf_to_gguf.py on our Hugging Face export writes the same tensors and metadata."""
-    from benchmarks.gguf import crosscheck_converter
+    from benchmarks.gguf_llama_cpp import crosscheck_converter
 
     r = crosscheck_converter(_model(**overrides), bpe, os.environ["LLAMA_CPP_DIR"], tmp_path)
     assert r["tensors"] > 10

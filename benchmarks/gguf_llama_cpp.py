@@ -18,7 +18,7 @@ also sees the project's packages (a ``.pth`` file naming the project venv's ``si
 
     python -m venv /tmp/gguf-venv && /tmp/gguf-venv/bin/pip install numpy llama-cpp-python
     echo /path/to/.venv/lib/python3.11/site-packages > /tmp/gguf-venv/lib/python3.11/site-packages/project.pth
-    OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/gguf-venv/bin/python benchmarks/gguf.py \\
+    OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/gguf-venv/bin/python benchmarks/gguf_llama_cpp.py \\
         --ckpt checkpoints/sft/last.ckpt checkpoints/ppo/last.ckpt --speed
 """
 
