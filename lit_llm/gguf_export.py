@@ -70,7 +70,8 @@ LLAMA4_FIXED: dict[str, Any] = {
     "attn_scale": 0.1,
 }
 _GPT2_FLAVOUR = (
-    "llama.cpp's `gpt2` architecture expresses the GPT-2 flavour but this exporter does not write it"
+    "llama.cpp's `gpt2` architecture would express the GPT-2 flavour (LayerNorm, GELU, learned positions, "
+    "biases), but this exporter writes llama and llama4 only"
 )
 
 
@@ -139,7 +140,7 @@ def gguf_arch(config: ModelConfig, arch: GGUFArch = "auto") -> Literal["llama", 
     if flavour:
         raise UserError(
             f"cannot export {config.name!r} to GGUF: llama.cpp's llama/llama4 architectures cannot express "
-            f"{', '.join(flavour)} ({_GPT2_FLAVOUR}); use --format hf, or a RoPE/RMSNorm/SwiGLU model"
+            f"{', '.join(flavour)} ({_GPT2_FLAVOUR}); train a Llama-flavoured model (pos rope, norm rmsnorm, mlp swiglu, no bias) to export"
         )
     if arch == "auto":
         arch = "llama4" if _llama4_features(config) else "llama"
