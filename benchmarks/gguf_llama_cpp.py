@@ -101,6 +101,23 @@ def compare(ckpt: str | Path, out: str | Path, n_prompts: int = 20, max_new_toke
     return res
 
 
+def logits_vs_llama_cpp(model, tok, path: str | Path, text: str, dtype: str = "f32") -> float:
+    """Largest absolute difference between llama.cpp's logits and ours on every position of ``text``."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    ids = tok.encode(text)
+    export_gguf(model, tok, path, dtype=dtype)
+    llm = Llama(
+        model_path=str(path), n_ctx=model.config.block_size, n_threads=1, logits_all=True, verbose=False
+    )
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].float().numpy()
+    return float(np.abs(theirs - ours).max())
+
+
 def speed(ckpt: str | Path, folder: Path, n_prompts: int, new_tokens: int, reps: int) -> dict[str, float]:
     """New tokens per second, one thread, same prompts and lengths for every implementation."""
     torch.set_num_threads(1)

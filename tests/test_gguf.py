@@ -485,3 +485,22 @@ def test_same_file_as_llama_cpp_converter(tmp_path, bpe, overrides):
     assert r["tensor_names_differ"] == r["keys_differ"] == []
     # every weight bit-identical; only the Llama-3 RoPE factors differ in float32 rounding
     assert set(r["tensors_differ"]) <= {"rope_freqs.weight"} and r["max_rel_diff"] < 1e-6
+
+
+@pytest.mark.skipif(
+    not _llama_cpp_available(), reason="llama-cpp-python is not installed (compiles llama.cpp)"
+)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(tie_embeddings=False, head_dim=24, rope_scaling_factor=8.0, rope_original_max_seq_len=16),
+        LLAMA4_OK,
+    ],
+    ids=["llama", "llama4"],
+)
+def test_llama_cpp_logits_equal_ours(tmp_path, bpe, overrides):
+    """llama.cpp's own forward on the file: every position's logits as ours (float32 file)."""
+    from benchmarks.gguf_llama_cpp import logits_vs_llama_cpp
+
+    text = "Alice is in the garden. Alice has 3 apples and Bob has 2 cups. Who has"
+    assert logits_vs_llama_cpp(_model(**overrides), bpe, tmp_path / "m.gguf", text) < 5e-3
