@@ -6,6 +6,8 @@ For each checkpoint: export it with ``lit_llm.gguf_export.export_gguf``, load th
 - **chat template**: the file's Jinja chat template, rendered by llama-cpp-python's own
   ``Jinja2ChatFormatter`` and tokenized by llama.cpp (special tokens parsed), gives our
   ``Tokenizer.prompt_ids`` tokens; the bare question text tokenizes alike too;
+- **chat mode**: ``create_chat_completion`` (llama-cpp-python's chat API, template taken from the file,
+  temperature 0) replies with our greedy reply's text;
 - **greedy tokens**: llama.cpp's greedy continuation (``temp=0``) equals ours (``generate``, float32, KV cache),
   up to and including the first ``<|end|>`` / ``<|eos|>`` or ``--new-tokens``;
 - **decode speed** (``--speed``), one thread each: new tokens per second over whole calls (prefill included)
@@ -61,12 +63,15 @@ def _our_greedy(model, prompt: list[int], max_new: int, stops: list[int], compil
     return generate(model, [prompt], max_new, stop_tokens=stops, compile=compile).response_lists()[0]
 
 
-def compare(ckpt: str | Path, out: str | Path, n_prompts: int = 20, max_new_tokens: int = 48) -> dict:
-    """Export ``ckpt`` to ``out`` (f32) and compare llama.cpp's prompt tokens and greedy tokens with ours."""
+def compare(
+    ckpt: str | Path, out: str | Path, n_prompts: int = 20, max_new_tokens: int = 48, dtype: str = "f32"
+) -> dict:
+    """Export ``ckpt`` to ``out`` (``dtype``) and compare llama.cpp's prompt tokens and greedy tokens with ours
+    (float32)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     model, tok, _ = load_for_inference(ckpt)
-    path = export_gguf(model, tok, out, dtype="f32")
+    path = export_gguf(model, tok, out, dtype=dtype)
     llm = _llama(path, model.config.block_size)
     t = tok.tok.id_to_token
     template = llm.metadata["tokenizer.chat_template"]
@@ -76,6 +81,7 @@ def compare(ckpt: str | Path, out: str | Path, n_prompts: int = 20, max_new_toke
         "n_prompts": n_prompts,
         "prompt_tokens_equal": 0,
         "greedy_equal": 0,
+        "chat_completion_equal": 0,
         "mismatches": [],
     }
     res["tokens_compared"] = res["tokens_equal"] = 0
@@ -90,6 +96,14 @@ def compare(ckpt: str | Path, out: str | Path, n_prompts: int = 20, max_new_toke
         ours = _our_greedy(model, ours_prompt, max_new, stops)
         theirs = _llama_greedy(llm, ours_prompt, max_new, set(stops))
         res["greedy_equal"] += ours == theirs
+        # llama-cpp-python's chat mode end to end: template from the file, its own stop handling
+        chat = llm.create_chat_completion(
+            messages=[{"role": "user", "content": rec["prompt"]}],
+            temperature=0.0,
+            top_k=1,
+            max_tokens=max_new,
+        )
+        res["chat_completion_equal"] += chat["choices"][0]["message"]["content"] == tok.decode(ours)
         n = max(len(ours), len(theirs))
         res["tokens_compared"] += n
         res["tokens_equal"] += sum(a == b for a, b in zip(ours, theirs))
@@ -224,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed", action="store_true", help="also time decoding (one thread)")
     p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per prompt when timing")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dtype", default="f32", help="GGUF dtype of the file compared token by token")
     p.add_argument("--converter", default=None, help="a llama.cpp source folder: compare with its converter")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp itself (converter check only)")
     a = p.parse_args(argv)
@@ -236,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             model, tok, _ = load_for_inference(ckpt)
             r["converter"] = crosscheck_converter(model, tok, a.converter, folder / f"{name}-xcheck")
         if not a.no_llama:
-            r.update(compare(ckpt, folder / f"{name}.gguf", a.prompts, a.new_tokens))
+            r.update(compare(ckpt, folder / f"{name}-{a.dtype}.gguf", a.prompts, a.new_tokens, a.dtype))
         if a.speed:
             r["speed_tokens_per_s"] = speed(ckpt, folder, a.prompts, a.speed_tokens, a.reps)
         results[str(ckpt)] = r

@@ -465,6 +465,7 @@ def test_llama_cpp_decodes_as_we_do(tmp_path, sft_ckpt):
     result = compare(sft_ckpt, tmp_path / "sft.gguf", n_prompts=5, max_new_tokens=16)
     assert result["prompt_tokens_equal"] == result["n_prompts"]
     assert result["greedy_equal"] == result["n_prompts"], result["mismatches"]
+    assert result["chat_completion_equal"] == result["n_prompts"]
 
 
 @pytest.mark.skipif(
