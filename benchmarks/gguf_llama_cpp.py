@@ -15,18 +15,24 @@ For each checkpoint: export it with ``lit_llm.gguf_export.export_gguf``, load th
   (float32 eager, float32 ``compile=True``, int8 weights ``compile=True``), on the same prompts. Every
   implementation runs once before timing (compilation happens there); the median of ``--reps`` is reported.
 
-llama-cpp-python compiles llama.cpp from source and is not a dependency. It was run from a separate venv that
+llama-cpp-python compiles llama.cpp from source and is not a dependency. Run it from a separate venv that
 also sees the project's packages (a ``.pth`` file naming the project venv's ``site-packages``)::
 
     python -m venv /tmp/gguf-venv && /tmp/gguf-venv/bin/pip install numpy llama-cpp-python
     echo /path/to/.venv/lib/python3.11/site-packages > /tmp/gguf-venv/lib/python3.11/site-packages/project.pth
     OMP_NUM_THREADS=1 PYTHONPATH=. /tmp/gguf-venv/bin/python benchmarks/gguf_llama_cpp.py \\
         --ckpt checkpoints/sft/last.ckpt checkpoints/ppo/last.ckpt --speed
+
+(On the shared 2-core machine the full ``pip install`` was stopped once ``libllama.so`` was built: it goes on
+to compile llama.cpp's ``common`` library, which the bindings do not use. The bindings then ran from the
+unpacked sdist: ``PYTHONPATH=.:/tmp/llama_cpp_python-0.3.36 LLAMA_CPP_LIB_PATH=<folder with libllama.so
+and libggml*.so>``, with ``diskcache jinja2 typing-extensions`` installed in the venv.)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -133,12 +139,31 @@ def logits_vs_llama_cpp(model, tok, path: str | Path, text: str, dtype: str = "f
 
 
 def speed(ckpt: str | Path, folder: Path, n_prompts: int, new_tokens: int, reps: int) -> dict[str, float]:
-    """New tokens per second, one thread, same prompts and lengths for every implementation."""
-    torch.set_num_threads(1)
+    """New tokens per second of a checkpoint on tinyworld test prompts (see :func:`speed_model`)."""
     model, tok, _ = load_for_inference(ckpt)
     prompts = [tok.prompt_ids(r["prompt"]) for r in tinyworld.rl_prompts(n_prompts, "test")]
-    new = min(new_tokens, model.config.block_size - max(len(p) for p in prompts))
     int8 = load_for_inference(ckpt, precision="int8")[0]
+    return speed_model(model, int8, tok, prompts, folder, new_tokens, reps)
+
+
+def speed_preset(preset: str, folder: Path, n_prompts: int, new_tokens: int, reps: int) -> dict[str, float]:
+    """The same on a randomly initialised preset (seed 0) with random 32-token prompts, as decode.py does."""
+    from lit_llm.backbone import ModelConfig, Transformer
+    from lit_llm.backbone.quantize import quantize_int8
+    from lit_llm.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name(preset)).eval().requires_grad_(False)
+    int8 = quantize_int8(copy.deepcopy(model).to(torch.bfloat16))  # as load_for_inference(precision='int8')
+    tok = Tokenizer.train(tinyworld.pretrain_text(300), "bpe", 400)  # metadata only: ids above 400 are pads
+    prompts = torch.randint(7, model.config.vocab_size, (n_prompts, 32)).tolist()
+    return speed_model(model, int8, tok, prompts, folder, new_tokens, reps)
+
+
+def speed_model(model, int8, tok, prompts, folder: Path, new_tokens: int, reps: int) -> dict[str, float]:
+    """New tokens per second, one thread, same prompts and lengths for every implementation."""
+    torch.set_num_threads(1)
+    new = min(new_tokens, model.config.block_size - max(len(p) for p in prompts))
     runs = {
         "ours float32 eager": lambda p: _our_greedy(model, p, new, []),
         "ours float32 compile": lambda p: _our_greedy(model, p, new, [], compile=True),
@@ -231,13 +256,16 @@ def crosscheck_converter(model, tok, llama_cpp_dir: str | Path, folder: str | Pa
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", nargs="+", required=True, help="lit_llm checkpoints (SFT, PPO, ...)")
+    p.add_argument("--ckpt", nargs="*", default=[], help="lit_llm checkpoints (SFT, PPO, ...)")
     p.add_argument("--out", default="/tmp/gguf-bench", help="folder for the exported files")
     p.add_argument("--prompts", type=int, default=20, help="held-out tinyworld test prompts")
     p.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt (stops at <|end|>)")
     p.add_argument("--speed", action="store_true", help="also time decoding (one thread)")
     p.add_argument("--speed-tokens", type=int, default=64, help="new tokens per prompt when timing")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--speed-preset", default=None, help="time a random model of this preset instead (e.g. small)"
+    )
     p.add_argument("--dtype", default="f32", help="GGUF dtype of the file compared token by token")
     p.add_argument("--converter", default=None, help="a llama.cpp source folder: compare with its converter")
     p.add_argument("--no-llama", action="store_true", help="skip llama.cpp itself (converter check only)")
@@ -245,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(a.out)
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
+    if a.speed_preset:
+        r = {"speed_tokens_per_s": speed_preset(a.speed_preset, folder, a.prompts, a.speed_tokens, a.reps)}
+        print(json.dumps({a.speed_preset: r}, indent=1), flush=True)
+        results[a.speed_preset] = r
     for ckpt in a.ckpt:
         name, r = Path(ckpt).parent.name, {}
         if a.converter:

@@ -128,7 +128,7 @@ def _llama4_blockers(config: ModelConfig) -> list[str]:
 
 
 def gguf_arch(config: ModelConfig, arch: GGUFArch = "auto") -> Literal["llama", "llama4"]:
-    """The llama.cpp architecture for ``config``, or a :class:`UserError` naming every field it cannot express.
+    """The llama.cpp architecture for ``config``; a :class:`UserError` names every field it cannot express.
 
     Args:
         config: The model's config.
@@ -140,7 +140,8 @@ def gguf_arch(config: ModelConfig, arch: GGUFArch = "auto") -> Literal["llama", 
     if flavour:
         raise UserError(
             f"cannot export {config.name!r} to GGUF: llama.cpp's llama/llama4 architectures cannot express "
-            f"{', '.join(flavour)} ({_GPT2_FLAVOUR}); train a Llama-flavoured model (pos rope, norm rmsnorm, mlp swiglu, no bias) to export"
+            f"{', '.join(flavour)} ({_GPT2_FLAVOUR}); train a Llama-flavoured model (pos rope, norm "
+            "rmsnorm, mlp swiglu, no bias) to export"
         )
     if arch == "auto":
         arch = "llama4" if _llama4_features(config) else "llama"

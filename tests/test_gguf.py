@@ -99,7 +99,7 @@ def _rms(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
 
 
 def _rope_adjacent(x: np.ndarray, theta: float, factors: np.ndarray | None) -> np.ndarray:
-    """llama.cpp's NORM RoPE on ``x`` ``(T, H, D)``: pair ``(2i, 2i+1)`` turned by ``pos * theta^(-2i/D) / f_i``."""
+    """llama.cpp's NORM RoPE on ``x`` ``(T, H, D)``: pair ``(2i, 2i+1)`` by ``pos * theta^(-2i/D) / f_i``."""
     T, _, D = x.shape
     freq = theta ** (-np.arange(0, D, 2) / D)
     if factors is not None:
