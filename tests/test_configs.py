@@ -49,6 +49,12 @@ EXPECTED = {
         [LR, (SAMPLES, 0)],
         {"limit_train_batches": 80, "gradient_clip_val": None, "num_sanity_val_steps": 0},
     ),
+    "ppo/tinyworld-lora.yaml": (
+        "ppo-lora",
+        "ppo-lora",
+        [LR, (SAMPLES, 0)],
+        {"limit_train_batches": 80, "gradient_clip_val": None, "num_sanity_val_steps": 0},
+    ),
     "dpo/tinyworld.yaml": ("dpo", "dpo", [LR, (SAMPLES, 0)], {"max_steps": 200}),
     "grpo/tinyworld.yaml": (
         "grpo",
