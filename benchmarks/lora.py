@@ -19,6 +19,7 @@ the tensors alive before (weights of every network, the reference copy, ...). It
 Python's own; on CPU, the process RSS is dominated by the runtime for models this small.
 
     python benchmarks/lora.py sft --pretrain checkpoints/pretrain/last.ckpt --workdir /tmp/lora-bench/sft
+    python benchmarks/lora.py steptime --pretrain checkpoints/pretrain/last.ckpt
     python benchmarks/lora.py ppo --sft checkpoints/sft/last.ckpt --reward checkpoints/reward/last.ckpt \
         --workdir /tmp/lora-bench/ppo --seeds 0 1
 """
@@ -146,7 +147,7 @@ def held_out_gold(ckpt: Path, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- SFT
-def sft_measure(pretrain: str, lora: dict | None, steps: int, batch_size: int) -> dict[str, float]:
+def sft_measure(pretrain: str, lora: dict | None, steps: int, batch_size: int, lr: float) -> dict[str, float]:
     """Median step time over ``steps`` steps, then peak tensor memory of 2 more steps (fresh module)."""
     from lit_llm.data.sft import SFTDataModule
     from lit_llm.stages.sft import SFTModule
@@ -157,7 +158,7 @@ def sft_measure(pretrain: str, lora: dict | None, steps: int, batch_size: int) -
             tokenizer=pretrain, seq_len=128, batch_size=batch_size, tinyworld_eval=0, pack=False
         )
         wd = 0.0 if lora else 0.1
-        return SFTModule(init_from=pretrain, lora=lora, warmup_steps=2, weight_decay=wd), dm
+        return SFTModule(init_from=pretrain, lora=lora, learning_rate=lr, warmup_steps=2, weight_decay=wd), dm
 
     m, dm = module()
     timer = StepTimer()
@@ -177,11 +178,11 @@ def sft_measure(pretrain: str, lora: dict | None, steps: int, batch_size: int) -
 
 def sft(a: argparse.Namespace) -> None:
     work = Path(a.workdir)
-    variants: list[tuple[str, dict | None, list[str]]] = [("full", None, [])]
+    variants: list[tuple[str, dict | None, list[str]]] = [] if a.no_full else [("full", None, [])]
     for r in a.ranks:
         lora = {"rank": r, "alpha": 2.0 * r, "targets": list(a.targets)}
         cli = ["--model.lora", json.dumps(lora), "--model.learning_rate", str(a.lora_lr)]
-        variants.append((f"lora-r{r}", lora, cli + ["--model.weight_decay", "0.0"]))
+        variants.append((f"lora-r{r}-lr{a.lora_lr:g}", lora, cli + ["--model.weight_decay", "0.0"]))
     rows = []
     for name, lora, extra in variants:
         t0 = time.perf_counter()
@@ -207,7 +208,7 @@ def sft(a: argparse.Namespace) -> None:
             "ckpt_kib": ckpt.stat().st_size / 1024,
             "gold": held_out_gold(ckpt, a.eval_prompts),
             "minutes": minutes,
-            **sft_measure(a.pretrain, lora, a.measure_steps, 32),
+            **sft_measure(a.pretrain, lora, a.measure_steps, 32, a.lora_lr if lora else 1e-3),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -224,6 +225,49 @@ def sft(a: argparse.Namespace) -> None:
             f"| {r['name']} | {r['trainable']:,} | {r['ckpt_kib']:,.0f} KiB | {r['peak_mib']:.1f} MiB | "
             f"{r['step_ms']:.0f} | {r['val_loss']:.4f} | {100 * r['gold']:.1f}% |"
         )
+
+
+def steptime(a: argparse.Namespace) -> None:
+    """Training-step time of full fine-tuning and LoRA ranks, interleaved step by step in one process (a
+    noisy machine slows all of them alike): forward, backward and AdamW step under bf16 autocast."""
+    from lit_llm.data.sft import SFTDataModule
+    from lit_llm.stages.sft import SFTModule
+
+    dm = SFTDataModule(tokenizer=a.pretrain, seq_len=128, batch_size=32, tinyworld_eval=0, pack=False)
+    dm.setup("fit")
+    batches = [b for _, b in zip(range(a.steps), dm.train_dataloader())]
+    runs = {}
+    for r in [None, *a.ranks]:
+        torch.manual_seed(0)
+        lora = None if r is None else {"rank": r, "alpha": 2.0 * r}
+        m = SFTModule(init_from=a.pretrain, lora=lora)
+        m.configure_model()
+        params = [p for p in m.parameters() if p.requires_grad]
+        runs["full" if r is None else f"lora-r{r}"] = (m, torch.optim.AdamW(params, lr=1e-4), [])
+    for i, batch in enumerate(batches):
+        for m, opt, times in runs.values():
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _sft_loss(m, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    full = statistics.median(runs["full"][2])
+    print(f"\nSFT step time, batch 32 x 128, interleaved, median of {len(batches) - 2} steps each")
+    print("| run | step ms | vs full |")
+    print("|---|---|---|")
+    for name, (_, _, times) in runs.items():
+        med = statistics.median(times)
+        print(f"| {name} | {1000 * med:.0f} | {med / full:.2f}x |")
+
+
+def _sft_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from lit_llm.losses import masked_lm_loss
+
+    logits = m.model(batch["input_ids"], batch.get("positions"), batch.get("attn_mask"))
+    return masked_lm_loss(logits, batch["labels"])[0]
 
 
 # ------------------------------------------------------------------------------------------------- PPO
@@ -324,12 +368,17 @@ def main() -> None:
     s.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     s.add_argument("--lora_lr", type=float, default=3e-3)
     s.add_argument("--measure_steps", type=int, default=12)
+    s.add_argument("--no_full", action="store_true", help="only the LoRA runs (e.g. another --lora_lr)")
     s.add_argument("--eval_prompts", type=int, default=300)
     s.add_argument(
         "--targets",
         nargs="+",
         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
+    t = sub.add_parser("steptime")
+    t.add_argument("--pretrain", required=True)
+    t.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
+    t.add_argument("--steps", type=int, default=22)
     q = sub.add_parser("ppo")
     q.add_argument("--sft", required=True)
     q.add_argument("--reward", required=True)
@@ -345,7 +394,7 @@ def main() -> None:
         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     a = p.parse_args()
-    sft(a) if a.what == "sft" else ppo(a)
+    {"sft": sft, "steptime": steptime, "ppo": ppo}[a.what](a)
 
 
 if __name__ == "__main__":
