@@ -305,14 +305,23 @@ def ppo(a: argparse.Namespace) -> None:
     work = Path(a.workdir)
     sft_gold = held_out_gold(Path(a.sft), a.eval_prompts)
     print(f"SFT gold: {100 * sft_gold:.1f}%", flush=True)
-    variants: list[tuple[str, dict | None, float]] = [("full", None, 3e-5)]
     lora = {"rank": a.rank, "alpha": 2.0 * a.rank, "targets": list(a.targets)}
-    variants.append((f"lora-r{a.rank}", lora, a.lora_lr))
-    rows = []
+    variants: list[tuple[str, dict | None, float]] = [
+        ("full", None, 3e-5),
+        (f"lora-r{a.rank}", lora, a.lora_lr),
+    ]
+    rows = {}
     for name, lora_cfg, lr in variants:
-        mem = ppo_peak(a.sft, a.reward, lora_cfg, lr)
-        gains, minutes = [], []
-        for seed in a.seeds:
+        rows[name] = {
+            "name": name,
+            "lr": lr,
+            "gains": [],
+            "minutes": [],
+            **ppo_peak(a.sft, a.reward, lora_cfg, lr),
+        }
+        print(json.dumps(rows[name]), flush=True)
+    for seed in a.seeds:  # seed by seed, so that an interrupted benchmark still compares both variants
+        for name, lora_cfg, lr in variants:
             extra = ["--model.lora", json.dumps(lora_cfg)] if lora_cfg else []
             t0 = time.perf_counter()
             run_cli(
@@ -335,14 +344,11 @@ def ppo(a: argparse.Namespace) -> None:
                     *extra,
                 ],
             )
-            minutes.append((time.perf_counter() - t0) / 60)
+            rows[name]["minutes"].append((time.perf_counter() - t0) / 60)
             gold = held_out_gold(work / f"{name}-s{seed}/checkpoints/ppo/last.ckpt", a.eval_prompts)
-            gains.append(gold - sft_gold)
+            rows[name]["gains"].append(gold - sft_gold)
             print(json.dumps({"name": name, "seed": seed, "gold": gold, "gain": gold - sft_gold}), flush=True)
-        row = {"name": name, "lr": lr, "gains": gains, "minutes": minutes, **mem}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    (work / "ppo_rows.json").write_text(json.dumps({"sft_gold": sft_gold, "rows": rows}, indent=2))
+            (work / "ppo_rows.json").write_text(json.dumps({"sft_gold": sft_gold, "rows": rows}, indent=2))
     print(
         f"\nPPO, {a.iterations} iterations, seeds {a.seeds}; SFT gold {100 * sft_gold:.1f}% on {a.eval_prompts}"
     )
@@ -350,7 +356,7 @@ def ppo(a: argparse.Namespace) -> None:
         "| run | lr | trainable params | peak tensor memory | tensors before the run | gold gain per seed | mean |"
     )
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in rows.values():
         per_seed = ", ".join(f"{100 * g:+.1f}" for g in r["gains"])
         print(
             f"| {r['name']} | {r['lr']:g} | {r['trainable']:,} | {r['peak_mib']:.1f} MiB | "
