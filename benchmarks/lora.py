@@ -180,9 +180,15 @@ def sft(a: argparse.Namespace) -> None:
     work = Path(a.workdir)
     variants: list[tuple[str, dict | None, list[str]]] = [] if a.no_full else [("full", None, [])]
     for r in a.ranks:
-        lora = {"rank": r, "alpha": 2.0 * r, "targets": list(a.targets)}
+        lora = {
+            "rank": r,
+            "alpha": 2.0 * r,
+            "targets": list(a.targets),
+            "train_modules": list(a.train_modules),
+        }
         cli = ["--model.lora", json.dumps(lora), "--model.learning_rate", str(a.lora_lr)]
-        variants.append((f"lora-r{r}-lr{a.lora_lr:g}", lora, cli + ["--model.weight_decay", "0.0"]))
+        name = f"lora-r{r}-lr{a.lora_lr:g}" + "".join(f"+{m}" for m in a.train_modules)
+        variants.append((name, lora, cli + ["--model.weight_decay", "0.0"]))
     rows = []
     for name, lora, extra in variants:
         t0 = time.perf_counter()
@@ -375,6 +381,7 @@ def main() -> None:
     s.add_argument("--lora_lr", type=float, default=3e-3)
     s.add_argument("--measure_steps", type=int, default=12)
     s.add_argument("--no_full", action="store_true", help="only the LoRA runs (e.g. another --lora_lr)")
+    s.add_argument("--train_modules", nargs="*", default=[], help="lora.train_modules, e.g. embed_tokens")
     s.add_argument("--eval_prompts", type=int, default=300)
     s.add_argument(
         "--targets",

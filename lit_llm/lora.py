@@ -55,12 +55,17 @@ class LoRAConfig:
         targets: Linear layers to adapt, by name within each block: ``q_proj``, ``k_proj``, ``v_proj``,
             ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj`` (a MoE layer's shared expert included;
             ``shared_expert.gate_proj`` etc. for the shared expert alone). Routed experts are not adapted.
+        train_modules: Modules of the model trained in full beside the adapters, e.g. ``[embed_tokens,
+            lm_head]`` (PEFT's ``modules_to_save``): rows of tokens the base never learned, such as the chat
+            template's special tokens, cannot be reached by adapters on the blocks. Stored in the adapter
+            checkpoint; not expressible in a PEFT export (export merged instead).
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: [*ATTENTION_TARGETS, *MLP_TARGETS])
+    train_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from lit_llm.errors import UserError
@@ -77,6 +82,9 @@ class LoRAConfig:
         if not self.targets:
             raise UserError("lora.targets is empty: name at least one layer, e.g. [q_proj, v_proj]")
         self.rank = int(self.rank)
+        self.train_modules = (
+            [self.train_modules] if isinstance(self.train_modules, str) else list(self.train_modules)
+        )
 
     @property
     def scaling(self) -> float:
@@ -171,7 +179,18 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         if not any(_matches(name, target) for name, *_ in candidates):
             names = sorted({name.split(".", 2)[2] for name, *_ in candidates})
             raise UserError(f"lora target {target!r} names no linear layer of this model; it has {names}")
+    trained = []
+    for name in config.train_modules:
+        try:
+            trained.append(model.get_submodule(name))
+        except AttributeError:
+            top = [n for n, _ in model.named_children()]
+            raise UserError(
+                f"lora train_modules: {name!r} is no module of this model; it has {top}"
+            ) from None
     model.requires_grad_(False)
+    for module in trained:
+        module.requires_grad_(True)
     adapted = []
     for name, parent, attr, linear in candidates:
         if any(_matches(name, t) for t in config.targets):

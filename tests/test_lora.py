@@ -136,6 +136,17 @@ def test_adapters_off_is_the_base_model_without_a_copy():
     assert model.training and all(m.training for m in model.modules())  # modes restored
 
 
+def test_train_modules_train_in_full_beside_the_adapters():
+    model = _model(tie_embeddings=False)
+    apply_lora(model, LoRAConfig(rank=2, targets=["q_proj"], train_modules=["embed_tokens", "lm_head"]))
+    model(IDS).logsumexp(-1).mean().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    adapters = {f"layers.{i}.attn.q_proj.lora_{s}" for i in range(2) for s in "ab"}
+    assert trained == {"embed_tokens.weight", "lm_head.weight"} | adapters
+    with pytest.raises(UserError, match="'head' is no module"):
+        apply_lora(_model(), LoRAConfig(train_modules=["head"]))
+
+
 def test_unknown_target_is_refused_with_the_names_that_exist():
     with pytest.raises(UserError, match=r"'qkv' names no linear layer.*'attn.q_proj'"):
         apply_lora(_model(), LoRAConfig(targets=["qkv"]))
@@ -244,7 +255,7 @@ def lora_run(pretrain_ckpt, tmp_path_factory):
 def test_adapter_checkpoint_is_small_and_names_its_base(lora_run, pretrain_ckpt):
     ckpt = load_checkpoint(lora_run / "last.ckpt")
     info = ckpt["lit_llm"]["lora"]
-    assert info["config"] == {"rank": 4, "alpha": 16.0, "dropout": 0.1, "targets": ALL}
+    assert info["config"] == {"rank": 4, "alpha": 16.0, "dropout": 0.1, "targets": ALL, "train_modules": []}
     assert info["base"]["path"] == str(Path(pretrain_ckpt).resolve())
     base, _, _ = load_backbone(pretrain_ckpt)
     assert info["base"]["sha256"] == base_fingerprint(base)

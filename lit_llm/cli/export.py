@@ -52,8 +52,14 @@ def _export_peft(ckpt: str, out: str, base_out: str | None, arch: str) -> None:
     from lit_llm.hf import export_hf
     from lit_llm.lora import adapters_disabled, export_peft
 
-    if not read_meta(ckpt).get("lora"):
+    info = read_meta(ckpt).get("lora")
+    if not info:
         raise UserError(f"{ckpt} holds no LoRA adapters: export it without --adapter peft")
+    if info["config"].get("train_modules"):
+        raise UserError(
+            f"{ckpt} also trains {info['config']['train_modules']} in full (lora.train_modules), which a PEFT "
+            "adapter folder here does not carry: export it without --adapter peft (merged)"
+        )
     model, tok, _ = load_backbone(ckpt, keep_adapters=True)
     model.eval().requires_grad_(False)
     base_dir = Path(base_out) if base_out else Path(out) / "base"
