@@ -225,6 +225,8 @@ def _fit_sft(pretrain_ckpt: Path, work: Path, *extra: str, steps: int = 6) -> Pa
                 "4",
                 "--model.lora.dropout",
                 "0.1",
+                "--model.lora.train_modules",
+                "[]",
                 "--trainer.max_steps",
                 str(steps),
                 "--trainer.val_check_interval",
@@ -278,6 +280,18 @@ def test_inference_loads_base_plus_adapter(lora_run, pretrain_ckpt):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), adapted.eval()(ids), atol=1e-5, rtol=1e-5)
         assert (model(ids) - base.eval()(ids)).abs().max() > 1e-3
+
+
+def test_train_modules_are_stored_and_loaded(pretrain_ckpt, tmp_path):
+    run = _fit_sft(pretrain_ckpt, tmp_path, "--model.lora.train_modules", "[embed_tokens]", steps=3)
+    saved = load_checkpoint(run / "last.ckpt")["state_dict"]
+    model, _, _ = load_for_inference(run / "last.ckpt")
+    base, _, _ = load_backbone(pretrain_ckpt)
+    assert torch.equal(model.embed_tokens.weight, saved["model.embed_tokens.weight"])
+    assert not torch.equal(model.embed_tokens.weight, base.embed_tokens.weight)
+    # the rest of the base is not stored (the output head is the embedding, tied)
+    tied = {"model.embed_tokens.weight", "model.lm_head.weight"}
+    assert {k for k in saved if k.endswith(".weight")} == tied
 
 
 def test_adapter_checkpoint_refuses_another_base(lora_run, sft_ckpt, tmp_path):
