@@ -53,7 +53,7 @@ class Stage(LightningModule):
             sqrt(max(out, in))``, an update as large as AdamW's, so AdamW's rates carry over) or
             ``original`` (``sqrt(max(1, out / in))``, Keller Jordan's; wants ``muon_lr`` near 0.02).
         lora: Fine-tune LoRA adapters instead of all weights (``--model.lora.rank 8``, ``alpha``, ``dropout``,
-            ``targets``; see ``lit_llm.lora.LoRAConfig``): the backbone is frozen, heads the stage adds (reward
+            ``targets``, ``train_modules``; see ``lit_llm.lora.LoRAConfig``): the backbone is frozen, heads the stage adds (reward
             and value heads, PPO's critic) still train, a frozen reference (PPO, GRPO, DPO) is the policy
             with its adapters off instead of a copy, and checkpoints hold only what trains, naming the base
             (``init_from``) by path and weight hash. Needs ``init_from``.
