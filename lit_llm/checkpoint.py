@@ -81,12 +81,26 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+def load_backbone(
+    path: str | os.PathLike, base: str | os.PathLike | None = None, keep_adapters: bool = False
+) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
     """The backbone, tokenizer and metadata stored in a lit_llm checkpoint (read with ``weights_only``),
     or in a Hugging Face Llama / Llama 4 folder (``config.json`` + safetensors, e.g. from ``lit-llm export``).
 
+    A LoRA run's checkpoint holds only the adapters (and what else was trained) and names its base
+    (``meta["lora"]["base"]``: the base checkpoint's path and :func:`lit_llm.lora.base_fingerprint`); the base
+    is loaded from there (or from ``base``), checked against the fingerprint, and the adapters are merged
+    into it, unless ``keep_adapters``.
+
     The model comes back in training mode with gradients on, as a stage wants it; see
     :func:`load_for_inference` for a frozen model.
+
+    Args:
+        path: A lit_llm ``.ckpt`` or a Hugging Face folder.
+        base: For an adapter checkpoint: load the base from here instead of the path it names (it must have
+            the same weights).
+        keep_adapters: For an adapter checkpoint: return the model with its (unmerged) ``LoRALinear``
+            layers, as :func:`lit_llm.lora.export_peft` wants it.
     """
     if Path(path).is_dir():
         from lit_llm.hf import import_hf
@@ -101,9 +115,11 @@ def load_backbone(path: str | os.PathLike) -> tuple[Transformer, Tokenizer, dict
     if META_KEY not in ckpt:
         raise CheckpointError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
     meta = ckpt[META_KEY]
+    prefix = meta.get("backbone_prefix", "model.")
+    if meta.get("lora"):
+        return _load_adapter(path, ckpt, meta, prefix, base, keep_adapters)
     config = ModelConfig.from_dict(meta["model_config"])
     model = Transformer(config)
-    prefix = meta.get("backbone_prefix", "model.")
     missing, unexpected = model.load_state_dict(model_state(ckpt, prefix), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
     if missing or unexpected:
@@ -111,6 +127,54 @@ def load_backbone(path: str | os.PathLike) -> tuple[Transformer, Tokenizer, dict
             f"{path}: weights do not fit its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     return model, Tokenizer.from_str(meta["tokenizer"]), meta
+
+
+def _load_adapter(
+    path: str | os.PathLike,
+    ckpt: dict[str, Any],
+    meta: dict[str, Any],
+    prefix: str,
+    base: str | os.PathLike | None,
+    keep_adapters: bool,
+) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """The base an adapter checkpoint names, checked, with the checkpoint's adapters (merged unless kept)."""
+    from lit_llm.lora import LoRAConfig, apply_lora, base_fingerprint, fold_lora
+
+    info = meta["lora"]
+    want, named = info["base"]["sha256"], info["base"]["path"]
+    source = base if base is not None else named
+    if source is None or not Path(source).exists():
+        raise CheckpointError(
+            f"{path} holds LoRA adapters for the base {named} (sha256 {want[:12]}...), which is not there: "
+            "put it back, or pass the path of a checkpoint with the same weights (base=...)"
+        )
+    model, _, _ = load_backbone(source)
+    got = base_fingerprint(model)
+    if got != want:
+        raise CheckpointError(
+            f"{path} holds LoRA adapters for the base {named} (sha256 {want[:12]}...), but {source} has other "
+            f"weights (sha256 {got[:12]}...): adapters only fit the model they were trained on; load them "
+            "on that base"
+        )
+    theirs = ModelConfig.from_dict(meta["model_config"])
+    diff = model.config.diff(theirs)
+    if diff:
+        raise CheckpointError(f"{path}: its base {source} has another model config ({sorted(diff)})")
+    apply_lora(model, LoRAConfig.from_any(info["config"]))
+    state = model.state_dict()
+    saved = model_state(ckpt, prefix)
+    unexpected = [k for k in saved if k not in state]
+    missing = [k for k in state if k.endswith((".lora_a", ".lora_b")) and k not in saved]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: adapters do not fit their config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    state.update(saved)  # the adapters, and whatever else the run changed (MoE expert biases)
+    model.load_state_dict(state)
+    if not keep_adapters:
+        fold_lora(model)
+    model.requires_grad_(True)
+    return model.train(), Tokenizer.from_str(meta["tokenizer"]), meta
 
 
 # stages whose checkpoints hold a chat policy (``hf``: an exported folder)
@@ -123,6 +187,7 @@ def load_for_inference(
     path: str | os.PathLike,
     precision: Literal["32", "bf16", "int8"] = "32",
     stages: tuple[str, ...] = GENERATIVE_STAGES,
+    base: str | os.PathLike | None = None,
 ) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
     """A frozen model (eval mode, no gradients) in the requested precision, its tokenizer and metadata.
 
@@ -130,10 +195,12 @@ def load_for_inference(
         path: A lit_llm ``.ckpt`` or an exported Hugging Face folder.
         precision: ``32`` (float32), ``bf16``, or ``int8`` weight-only quantisation with bfloat16 activations.
         stages: The kinds of checkpoint the caller can use; any other is refused, naming what it is.
+        base: For a LoRA adapter checkpoint, its base (default: the path the checkpoint names); the adapters
+            are merged into it.
     """
     from lit_llm.backbone.quantize import quantize_int8
 
-    model, tok, meta = load_backbone(path)
+    model, tok, meta = load_backbone(path, base=base)
     stage = meta.get("stage")
     if stage not in stages:
         hint = {

@@ -6,6 +6,9 @@
 * :func:`compile_model` compiles each block's training forward with ``torch.compile`` (one compiled function
   shared by all blocks of the same structure, as torchtitan does).
 
+LoRA adapters, the third transform applied from outside the model, live in :mod:`lit_llm.lora` (they change
+which parameters train and what checkpoints hold, not how a block runs); apply them first.
+
 Both act only on the training path (no KV cache): decoding with a cache stays eager, so generation during
 training (samples, PPO rollouts) neither recompiles for every length nor recomputes. Parameter names, and so
 state dicts and checkpoints, are unchanged. Stages switch them on with ``compile: true`` and

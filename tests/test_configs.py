@@ -37,6 +37,7 @@ EXPECTED = {
     ),
     "pretrain/tiny-fsdp.yaml": ("pretrain-fsdp", "pretrain-fsdp", [LR, THROUGHPUT], {"accelerator": "gpu"}),
     "sft/tinyworld.yaml": ("sft", "sft", [LR, (SAMPLES, 0)], {"max_steps": 300}),
+    "sft/tinyworld-lora.yaml": ("sft-lora", "sft-lora", [LR, (SAMPLES, 0)], {"max_steps": 300}),
     "sft/alpaca-seed.yaml": ("sft-alpaca", "sft-alpaca", [LR, (SAMPLES, 0)], {"val_check_interval": 50}),
     "reward/tinyworld.yaml": ("reward", "reward", [LR], {"max_steps": 200}),
     "reward/hh-rlhf.yaml": ("reward-hh", "reward-hh", [LR], {}),
@@ -45,6 +46,12 @@ EXPECTED = {
     "ppo/tinyworld.yaml": (
         "ppo",
         "ppo",
+        [LR, (SAMPLES, 0)],
+        {"limit_train_batches": 80, "gradient_clip_val": None, "num_sanity_val_steps": 0},
+    ),
+    "ppo/tinyworld-lora.yaml": (
+        "ppo-lora",
+        "ppo-lora",
         [LR, (SAMPLES, 0)],
         {"limit_train_batches": 80, "gradient_clip_val": None, "num_sanity_val_steps": 0},
     ),

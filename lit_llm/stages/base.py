@@ -3,6 +3,7 @@ storing config and tokenizer in checkpoints, the optimizer (AdamW, or Muon besid
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from lit_llm.checkpoint import META_KEY, load_backbone
 from lit_llm.data.common import import_function
 from lit_llm.errors import CheckpointError, UserError
 from lit_llm.evaluation import RewardModel, chat_completions, gold_score
+from lit_llm.lora import AdaptersOff, LoRAConfig, apply_lora, base_fingerprint, lora_layers
 from lit_llm.optim import build_optimizer
 from lit_llm.rl.scoring import RewardSources, rollout_table
 from lit_llm.tokenizer import Tokenizer
@@ -50,6 +52,11 @@ class Stage(LightningModule):
         muon_adjust_lr: Muon's learning-rate scale per matrix shape: ``match_rms_adamw`` (``0.2 *
             sqrt(max(out, in))``, an update as large as AdamW's, so AdamW's rates carry over) or
             ``original`` (``sqrt(max(1, out / in))``, Keller Jordan's; wants ``muon_lr`` near 0.02).
+        lora: Fine-tune LoRA adapters instead of all weights (``--model.lora.rank 8``, ``alpha``, ``dropout``,
+            ``targets``, ``train_modules``; see ``lit_llm.lora.LoRAConfig``): the backbone is frozen, heads the stage adds (reward
+            and value heads, PPO's critic) still train, a frozen reference (PPO, GRPO, DPO) is the policy
+            with its adapters off instead of a copy, and checkpoints hold only what trains, naming the base
+            (``init_from``) by path and weight hash. Needs ``init_from``.
     """
 
     stage_name = "base"
@@ -72,9 +79,16 @@ class Stage(LightningModule):
         muon_lr: float | None = None,
         muon_momentum: float = 0.95,
         muon_adjust_lr: Literal["original", "match_rms_adamw"] = "match_rms_adamw",
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.lora_config = LoRAConfig.from_any(lora)
+        # checkpoints hold plain containers only (they are read with weights_only=True)
+        self.hparams["lora"] = self.lora_config.to_dict() if self.lora_config else None
+        if self.lora_config is not None and init_from is None:
+            raise UserError("LoRA adapts a trained model: set --model.init_from path/to/checkpoint")
+        self._lora_base: dict[str, Any] | None = None
         self.tokenizer: Tokenizer | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         if init_from is not None:
@@ -101,10 +115,23 @@ class Stage(LightningModule):
     def config(self) -> ModelConfig:
         return self.model.config
 
+    def frozen_reference(self) -> torch.nn.Module | AdaptersOff:
+        """A frozen reference model equal to the starting policy: with LoRA, the policy itself with its
+        adapters off (no second copy of the weights); otherwise a frozen deep copy of the policy."""
+        if self.lora_config is not None:
+            return AdaptersOff(self.model)
+        return copy.deepcopy(self.model).requires_grad_(False).eval()
+
     def configure_model(self) -> None:
-        """Apply the speed/memory transforms chosen by ``activation_checkpointing`` and ``compile``."""
+        """Apply the transforms chosen by ``lora``, ``activation_checkpointing`` and ``compile`` (in this
+        order: the checkpointed and compiled blocks contain the adapters)."""
         from lit_llm.transforms import apply_activation_checkpointing, compile_model
 
+        if self.lora_config is not None and not lora_layers(self.model):
+            # the base is fingerprinted before the adapters exist: adapter checkpoints name it by this hash
+            base = str(Path(self.hparams.init_from).resolve())  # absolute: later commands run from anywhere
+            self._lora_base = {"path": base, "sha256": base_fingerprint(self.model)}
+            apply_lora(self.model, self.lora_config)
         if self.hparams.get("activation_checkpointing"):
             apply_activation_checkpointing(
                 self.model
@@ -129,6 +156,13 @@ class Stage(LightningModule):
             "stage": self.stage_name,
             "backbone_prefix": "model.",
         }
+        if self._lora_base is not None:
+            # adapter-only: the frozen base weights are not stored; they come back from the base they name
+            checkpoint[META_KEY]["lora"] = {"config": self.lora_config.to_dict(), "base": self._lora_base}
+            state = checkpoint["state_dict"]
+            for name, p in self.model.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    state.pop(f"model.{name}", None)
         # the RNG state (dropout, sampling) so that a resumed run draws what the uninterrupted one would have
         checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -155,7 +189,33 @@ class Stage(LightningModule):
             )
         if meta.get("tokenizer") and self.tokenizer is None:
             self.tokenizer = Tokenizer.from_str(meta["tokenizer"])
+        self._restore_frozen_base(checkpoint, meta.get("lora"))
         self._rng_to_restore = checkpoint.get(RNG_KEY)
+
+    def _restore_frozen_base(self, checkpoint: dict[str, Any], saved: dict[str, Any] | None) -> None:
+        """Resuming a LoRA run: check that the checkpoint's adapters belong to this run's base and put the
+        base weights (not stored in the checkpoint) back into its state dict, so that it loads strictly."""
+        ours = self._lora_base
+        if saved is None and ours is None:
+            return
+        if saved is None or ours is None:
+            what = "LoRA adapters" if saved else "full weights"
+            want = "this run has no --model.lora" if saved else "this run trains LoRA adapters"
+            raise CheckpointError(f"the checkpoint holds {what} but {want}: resume with the run's own config")
+        if saved["base"]["sha256"] != ours["sha256"]:
+            raise CheckpointError(
+                f"the checkpoint's adapters were trained on the base {saved['base']['path']} (sha256 "
+                f"{saved['base']['sha256'][:12]}...), but this run's init_from {ours['path']} has other weights "
+                f"(sha256 {ours['sha256'][:12]}...): resume on the same base"
+            )
+        if saved["config"] != self.lora_config.to_dict():
+            raise CheckpointError(
+                f"the checkpoint's LoRA config {saved['config']} differs from this run's {self.lora_config.to_dict()}"
+            )
+        state = checkpoint["state_dict"]
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if not p.requires_grad:
+                state.setdefault(f"model.{name}", p.detach())
 
     def on_train_start(self) -> None:
         """On resume, continue the RNG stream where the checkpoint left it (just before the next step)."""

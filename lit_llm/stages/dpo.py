@@ -9,7 +9,6 @@ two models and logs.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, get_args
 
 import torch
@@ -86,7 +85,8 @@ class DPOModule(Stage):
         self.average_logprobs = loss_type == "ipo" if average_logprobs is None else average_logprobs
         self.eval_max_new_tokens = eval_max_new_tokens
         if ref_from is None:
-            ref = copy.deepcopy(self.model)
+            # a frozen copy of the policy, or with LoRA the policy itself with its adapters off
+            self.ref = self.frozen_reference()
         else:
             ref, ref_tok, _ = load_backbone(ref_from)
             if ref_tok.to_str() != self.tokenizer.to_str():
@@ -94,7 +94,7 @@ class DPOModule(Stage):
                     f"the reference {ref_from} uses a different tokenizer than the policy {self.hparams.init_from}: "
                     "DPO compares both models' log-probs of the same token ids"
                 )
-        self.ref = ref.requires_grad_(False).eval()
+            self.ref = ref.requires_grad_(False).eval()
         self._samples: list[tuple[str, str]] = []
 
     def train(self, mode: bool = True) -> DPOModule:

@@ -13,7 +13,6 @@ in eval mode, so that at the first minibatch the ratio is exactly 1.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -134,7 +133,7 @@ class GRPOModule(RLStage):
         super().__init__(init_from=init_from, **kwargs)
         self.init_rewards(reward_model, reward_fn, reward_model_weight, reward_fn_weight, gold_fn)
         # the frozen reference exists only for the KL term: without it, no copy of the policy is kept
-        self.ref = copy.deepcopy(self.model).requires_grad_(False).eval() if kl_coef > 0 else None
+        self.ref = self.frozen_reference() if kl_coef > 0 else None
 
     def configure_optimizers(self):
         """The policy's optimizer (``optimizer``: AdamW, or Muon beside AdamW; no decay on norms and biases)

@@ -1,7 +1,7 @@
 """RLHF with PPO (manual optimisation): rollout -> score -> KL-shaped rewards -> GAE -> clipped updates.
 
 Four networks: the **policy** (from the SFT checkpoint, trained), the **reference** (a frozen copy of the
-SFT policy, for the KL penalty), the **critic** (a value model, trained) and the **reward model** (frozen).
+SFT policy, for the KL penalty; with ``lora``, the policy itself with its adapters off), the **critic** (a value model, trained) and the **reward model** (frozen).
 The math lives in ``lit_llm.rl``; this module only orchestrates and logs.
 
 Every token PPO scores (rollout-time, reference and training log-probs, the entropy) is scored with the
@@ -150,7 +150,7 @@ class PPOModule(RLStage):
         kwargs.setdefault("weight_decay", 0.0)
         super().__init__(init_from=init_from, **kwargs)
         self.init_rewards(reward_model, reward_fn, reward_model_weight, reward_fn_weight, gold_fn)
-        self.ref = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.ref = self.frozen_reference()
         if critic == "reward_model":
             if self.rm is None:
                 raise UserError("critic='reward_model' needs --model.reward_model (or use critic='policy')")
