@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -646,6 +647,22 @@ def state_dict_to_hf_llama4_vision(
     return out
 
 
+def _image_token_fields(vision: VisionConfig, tokenizer: Tokenizer) -> dict[str, int]:
+    """``image_start_id`` / ``image_end_id`` for the exported config; refuses a tokenizer whose ``<|patch|>``
+    is not the model's."""
+    from lit_llm.tokenizer import IMAGE_END, IMAGE_START, PATCH
+
+    ids = tokenizer.image_token_ids()
+    if ids is None:
+        raise ValueError("the model has a vision tower but its tokenizer has no image tokens")
+    if ids[PATCH] != vision.patch_token_id:
+        raise ValueError(
+            f"the tokenizer's {PATCH} is id {ids[PATCH]} but the model's vision.patch_token_id is "
+            f"{vision.patch_token_id}: export the model with the tokenizer it was trained with"
+        )
+    return {"image_start_id": ids[IMAGE_START], "image_end_id": ids[IMAGE_END]}
+
+
 # ------------------------------------------------------------------------------------- either, by arch
 def hf_arch(config: ModelConfig) -> Literal["llama", "llama4"]:
     """``llama`` when a Llama checkpoint expresses the config, else ``llama4`` (always with a vision tower)."""
@@ -735,7 +752,9 @@ def to_hf(model: Transformer, arch: Arch = "auto") -> Any:
         raise RuntimeError(f"conversion bug: missing {missing}, unexpected {unexpected}")
     dtype = model.embed_tokens.weight.dtype
     if dtype != torch.float32:
-        hf = hf.to(dtype)
+        with warnings.catch_warnings():  # the complex RoPE buffer's cast, repaired just below
+            warnings.filterwarnings("ignore", message="Casting complex values to real")
+            hf = hf.to(dtype)
         # Module.to(dtype) also casts complex buffers to real: recompute the vision RoPE's complex angles
         rotary = getattr(getattr(hf, "vision_model", None), "rotary_embedding", None)
         if rotary is not None:
@@ -788,6 +807,8 @@ def export_hf(
             "eos_token_id": [tokenizer.end_id, tokenizer.eos_id],
             "pad_token_id": tokenizer.pad_id,
         }
+        if config.vision is not None:
+            special.update(_image_token_fields(config.vision, tokenizer))
     dtype = dtype or model.embed_tokens.weight.dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")

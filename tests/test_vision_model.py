@@ -468,3 +468,34 @@ def test_unexpressible_vision_configs_are_refused():
     ).to_dict()
     with pytest.raises(ValueError, match="intermediate_size=100 must equal"):
         config_from_hf(bad)
+
+
+def test_export_with_tokenizer_writes_image_token_ids(tmp_path):
+    import json
+
+    from lit_llm.tokenizer import IMAGE_END, IMAGE_START, PATCH, Tokenizer
+
+    tok = Tokenizer.train(["a red square left of a blue circle"] * 4, vocab_size=300).with_image_tokens()
+    ids = tok.image_token_ids()
+    cfg = ModelConfig.from_name(
+        "llama4-vision-tiny", vocab_size=tok.vocab_size, vision={"patch_token_id": ids[PATCH]}
+    )
+    model = Transformer(cfg)
+    export_hf(model, tok, tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    assert values["image_token_index"] == ids[PATCH]
+    assert (values["boi_token_index"], values["eoi_token_index"]) == (ids[IMAGE_START], ids[IMAGE_END])
+    back, back_tok = import_hf(tmp_path)
+    assert back.config.vision.patch_token_id == back_tok.patch_id == ids[PATCH]
+    wrong = Transformer(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, patch_token_id=3)))
+    with pytest.raises(ValueError, match=r"tokenizer's <\|patch\|> is id \d+ but the model's"):
+        export_hf(wrong, tok, tmp_path / "wrong")
+    assert not (tmp_path / "wrong" / "config.json").exists()
+
+
+def test_to_hf_in_bfloat16_keeps_the_complex_vision_rope():
+    hf = to_hf(_loud_ours().to(torch.bfloat16))
+    freqs = hf.vision_model.rotary_embedding.freqs_ci
+    assert freqs.is_complex()  # Module.to(bfloat16) alone would have cast it to real
+    ref = hf.vision_model.rotary_embedding._compute_freqs_ci(hf.vision_model.config)
+    torch.testing.assert_close(freqs, ref)
