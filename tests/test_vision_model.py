@@ -213,9 +213,9 @@ def _angles_with(c: VisionConfig, coords) -> torch.Tensor:
     return torch.cat([angles, torch.zeros(1, angles.shape[1])])
 
 
-def _half_split_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+def _half_split_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = rotation.real, rotation.imag
     a, b = x[..., :half], x[..., half:]
     return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
 
@@ -272,6 +272,15 @@ def test_rope_angles_by_hand():
         want.append([x * f[0], x * f[1], y * f[0], y * f[1]])
     want.append([0.0] * 4)  # class token, last, not rotated
     torch.testing.assert_close(a, torch.tensor(want))
+
+
+def test_pair_rotation_by_hand():
+    from lit_llm.backbone.vision import apply_pair_rope
+
+    x = torch.tensor([1.0, 0.0, 0.0, 2.0, 3.0, 4.0])[None, None, None]  # pairs (1, 0), (0, 2), (3, 4)
+    angles = torch.tensor([[torch.pi / 2, torch.pi, 0.0]])
+    out = apply_pair_rope(x, torch.polar(torch.ones_like(angles), angles))
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.0, 1.0, 0.0, -2.0, 3.0, 4.0]))
 
 
 def test_patch_embedding_is_a_strided_convolution_and_class_token_is_last():
