@@ -374,6 +374,24 @@ def test_generate_uses_images_in_prefill_with_and_without_cache():
     assert seq[0, 36:].tolist() == cached.response_lists()[1]
 
 
+def test_bfloat16_and_int8_models_take_float32_images():
+    import copy
+
+    from lit_llm.backbone.quantize import quantize_int8
+
+    model = _loud_ours()
+    idx, images = batch()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    int8 = quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        want = model(idx, images=images)
+        for variant in (half, int8):
+            got = variant(idx, images=images)  # float32 tiles, cast to the model's dtype by the tower
+            assert got.dtype == variant.embed_tokens.weight.dtype
+            rel = (got.float() - want).norm() / want.norm()
+            assert rel < 0.1, rel  # rounded weights: close to float32, not equal
+
+
 # ------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     "fields, message",

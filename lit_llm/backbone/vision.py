@@ -195,7 +195,7 @@ class VisionTower(nn.Module):
         """The encoder's output after ``post_norm``: ``(n, n_patches + 1, hidden_size)`` (class token last)."""
         self.check_images(images)
         c = self.config
-        images = images.to(self.patch_embed.weight.dtype)
+        images = images.to(self.class_embedding.dtype)  # the model's dtype (linears may be quantized)
         patches = F.unfold(images, kernel_size=c.patch_size, stride=c.patch_size).transpose(1, 2)
         x = self.patch_embed(patches)  # (n, N, hidden), patches row-major
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
