@@ -165,6 +165,30 @@ def test_vision_gradients_match_hf():
         torch.testing.assert_close(g_ours / scale, g_hf / scale, rtol=1e-5, atol=1e-5, msg=their_name)
 
 
+def test_float64_tower_equals_hf_bit_for_bit():
+    """In float64 the tower and projector agree with Hugging Face's exactly, features and every vision
+    gradient: the same formulas, rounded at the same places (both rotate float32 pairs by complex64
+    angles). The float32 differences of the whole model come from the text RoPE, which the two sides
+    write differently (complex product against rotate-half)."""
+    hf = make_hf().double()
+    rotary = hf.vision_model.rotary_embedding  # .double() cast its complex buffer to real: rebuild it
+    rotary.freqs_ci = rotary._compute_freqs_ci(rotary.config)
+    torch.set_default_dtype(torch.float64)  # so that from_hf builds ours in float64 (conftest restores it)
+    ours = from_hf(hf).eval()
+    assert ours.embed_tokens.weight.dtype == torch.float64
+    images = batch()[1].double()
+    feats = hf.get_image_features(pixel_values=images, return_dict=True).last_hidden_state
+    want = hf.multi_modal_projector(feats.reshape(-1, feats.shape[-1]))
+    got = ours.vision(images)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    w = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (want * w).sum().backward()
+    (got * w).sum().backward()
+    theirs, mine = dict(hf.named_parameters()), dict(ours.named_parameters())
+    for a, b in vision_mod_names(ours).items():
+        torch.testing.assert_close(mine[a].grad, theirs[b].grad, rtol=1e-13, atol=1e-13, msg=b)
+
+
 def vision_mod_names(model: Transformer) -> dict[str, str]:
     from lit_llm.hf import _vision_names
 

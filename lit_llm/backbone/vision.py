@@ -202,7 +202,7 @@ class VisionTower(nn.Module):
         x = torch.cat([x, cls], dim=1) + self.pos_embed  # the class token goes last
         x = self.pre_norm(x)
         angles = vision_rope_angles(c, x.device)
-        rotation = torch.polar(torch.ones_like(angles), angles)  # exp(1j * angle), once for all layers
+        rotation = torch.complex(angles.cos(), angles.sin())  # exp(1j * angle), once for all layers
         for block in self.layers:
             x = block(x, rotation)
         return self.post_norm(x)
