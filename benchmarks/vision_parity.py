@@ -5,9 +5,10 @@ LayerNorm, class token and position table far from its default) is converted wit
 a batch of rows holding several images of several tiles each goes through ours (``model(idx, images=)``)
 and through Hugging Face's own submodules (``get_image_features`` -> ``multi_modal_projector`` ->
 ``masked_scatter`` into the token embeddings -> ``language_model``; its ``forward`` raises
-``AttributeError`` in transformers 5.24). Reported: the largest absolute logit difference against the
-largest logit, and the largest difference of any vision / projector weight's gradient relative to that
-gradient's largest entry, float32, over ``--seeds`` seeds.
+``AttributeError`` in transformers 5.24). Reported, float32, worst over ``--seeds`` seeds: the largest
+absolute logit difference against the largest logit, and the largest difference of any vision / projector
+weight's gradient relative to that gradient's largest entry; then the same for the tower + projector
+alone (features, and gradients of a random linear function of them).
 
 **Speed** (``--part speed``). The tower alone (tiles -> projected features), ours against Hugging Face's
 ``vision_model`` + ``multi_modal_projector`` with the same weights, forward and forward+backward, run
@@ -92,29 +93,50 @@ def hf_logits(hf, idx: torch.Tensor, images: torch.Tensor, patch: int) -> torch.
     return hf.language_model(inputs_embeds=embeds).logits
 
 
+def _grad_diff(model: Transformer, hf) -> float:
+    """Largest difference of a vision / projector gradient, relative to that gradient's largest entry."""
+    mine, theirs = dict(model.named_parameters()), dict(hf.named_parameters())
+    worst = 0.0
+    for a, b in _vision_names(model.config.vision).items():
+        g, ref = mine[a].grad, theirs[b].grad
+        worst = max(worst, float((g - ref).abs().max() / ref.abs().max()))
+    return worst
+
+
 def parity(seeds: int) -> None:
-    print("| shape | tiles | rows | max abs logit diff | max abs logit | max vision grad diff (rel) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| shape | tiles | rows | whole model: max abs logit diff | max abs logit | vision grad diff (rel) "
+        "| tower alone: max abs feature diff | vision grad diff (rel) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in SHAPES:
-        worst_logit, worst_grad, scale = 0.0, 0.0, 0.0
+        worst = dict(logit=0.0, scale=0.0, grad=0.0, feat=0.0, tower_grad=0.0)
         for seed in range(seeds):
             model, idx, images = build(name, seed)
             hf = to_hf(model)
             patch = model.config.vision.patch_token_id
+            # the whole model: logits and the gradients they send back into the tower
             w = torch.randn(*idx.shape, model.config.vocab_size)
             ours, theirs = model(idx, images=images), hf_logits(hf, idx, images, patch)
-            diff = (ours - theirs).detach()
-            worst_logit = max(worst_logit, float(diff.abs().max()))
-            scale = max(scale, float(theirs.detach().abs().max()))
+            worst["logit"] = max(worst["logit"], float((ours - theirs).detach().abs().max()))
+            worst["scale"] = max(worst["scale"], float(theirs.detach().abs().max()))
             (ours * w).sum().backward()
             (theirs * w).sum().backward()
-            mine, hf_params = dict(model.named_parameters()), dict(hf.named_parameters())
-            for a, b in _vision_names(model.config.vision).items():
-                g, ref = mine[a].grad, hf_params[b].grad
-                worst_grad = max(worst_grad, float((g - ref).abs().max() / ref.abs().max()))
+            worst["grad"] = max(worst["grad"], _grad_diff(model, hf))
+            # the tower and projector alone
+            model.zero_grad()
+            hf.zero_grad()
+            feats = hf.vision_model(images).last_hidden_state
+            theirs = hf.multi_modal_projector(feats.reshape(-1, feats.shape[-1]))
+            ours = model.vision(images)
+            worst["feat"] = max(worst["feat"], float((ours - theirs).detach().abs().max()))
+            w = torch.randn(ours.shape)
+            (ours * w).sum().backward()
+            (theirs * w).sum().backward()
+            worst["tower_grad"] = max(worst["tower_grad"], _grad_diff(model, hf))
         print(
-            f"| {name} | {images.shape[0]} | {idx.shape[0]} | {worst_logit:.1e} | {scale:.1f} | "
-            f"{worst_grad:.1e} |"
+            f"| {name} | {images.shape[0]} | {idx.shape[0]} | {worst['logit']:.1e} | {worst['scale']:.1f} | "
+            f"{worst['grad']:.1e} | {worst['feat']:.1e} | {worst['tower_grad']:.1e} |"
         )
 
 
