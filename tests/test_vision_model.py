@@ -416,6 +416,43 @@ def test_bfloat16_and_int8_models_take_float32_images():
             assert rel < 0.1, rel  # rounded weights: close to float32, not equal
 
 
+def test_answer_learned_from_the_image_through_the_fusion():
+    """A task only the image can answer (a bright or a dark tile -> token 10 or 11 after the placeholders):
+    a few Adam steps learn it, every vision weight gets a gradient, and with the tiles swapped between
+    the rows the answers swap too."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name(
+        "llama4-vision-tiny",
+        vocab_size=16,
+        n_layer=1,
+        n_embd=32,
+        moe_n_expert=0,
+        intermediate_size=64,
+        vision=dict(image_size=16, hidden_size=32, intermediate_size=128, num_layers=1, patch_token_id=15),
+    )
+    model = Transformer(cfg)
+    tpt = cfg.vision.tokens_per_tile
+    idx = torch.tensor([[1] + [15] * tpt + [2]] * 8)  # text, one tile's placeholders, a question token
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(40):
+        bright = torch.rand(8) < 0.5
+        tiles = torch.where(bright[:, None, None, None], 0.5, -0.5) + 0.1 * torch.randn(8, 3, 16, 16)
+        logits = model(idx, images=tiles)[:, -1]
+        loss = F.cross_entropy(logits, 10 + bright.long())
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+        opt.step()
+    bright = torch.tensor([True, False] * 4)
+    tiles = torch.where(bright[:, None, None, None], 0.5, -0.5) + 0.1 * torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        answer = model(idx, images=tiles)[:, -1].argmax(-1)
+        swapped = model(idx, images=tiles[torch.arange(8) ^ 1])[:, -1].argmax(-1)
+    assert answer.tolist() == (10 + bright.long()).tolist()
+    assert swapped.tolist() == (11 - bright.long()).tolist()
+
+
 # ------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     "fields, message",

@@ -480,7 +480,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Llama-4-Scout-17B-16E: 16 experts on every layer, 17B active / 109B total parameters, of which the
     # vision tower + projector (the published vision_config: 34 layers of width 1408 on 336-pixel tiles of
-    # 14-pixel patches, 144 <|patch|> tokens per tile; <|patch|> is id 200092) hold 0.7B.
+    # 14-pixel patches, 144 <|patch|> tokens per tile; <|patch|> is id 200092) hold 0.87B.
     "llama4-scout": dict(
         _LLAMA4_TEXT,
         **_LLAMA4_FLAVOUR,
