@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lit_llm.backbone import ModelConfig, Transformer, VisionConfig, count_active_parameters
 from lit_llm.backbone import vision as vision_mod
-from lit_llm.backbone.generate import generate
+from lit_llm.backbone.generate import generate, stream
 from lit_llm.backbone.vision import VisionTower, pixel_shuffle, vision_rope_angles
 from lit_llm.hf import export_hf, from_hf, import_hf, state_dict_to_hf, to_hf
 
@@ -155,7 +155,7 @@ def test_vision_gradients_match_hf():
     (hf_reference_logits(hf, idx, images) * w).sum().backward()
     (ours(idx, images=images) * w).sum().backward()
     theirs = dict(hf.named_parameters())
-    names = vision_mod_names(ours)
+    names = hf_vision_names(ours)
     assert len(names) == sum(1 for k in theirs if k.startswith(("vision_model.", "multi_modal_projector.")))
     for mine, their_name in names.items():
         g_ours = dict(ours.named_parameters())[mine].grad
@@ -185,11 +185,11 @@ def test_float64_tower_equals_hf_bit_for_bit():
     (want * w).sum().backward()
     (got * w).sum().backward()
     theirs, mine = dict(hf.named_parameters()), dict(ours.named_parameters())
-    for a, b in vision_mod_names(ours).items():
+    for a, b in hf_vision_names(ours).items():
         torch.testing.assert_close(mine[a].grad, theirs[b].grad, rtol=1e-13, atol=1e-13, msg=b)
 
 
-def vision_mod_names(model: Transformer) -> dict[str, str]:
+def hf_vision_names(model: Transformer) -> dict[str, str]:
     from lit_llm.hf import _vision_names
 
     return _vision_names(model.config.vision)
@@ -389,6 +389,7 @@ def test_generate_uses_images_in_prefill_with_and_without_cache():
     alone1 = generate(model, rows[1:], 6, images=images[2:])
     assert alone0.response_lists()[0] == cached.response_lists()[0]
     assert alone1.response_lists()[0] == cached.response_lists()[1]
+    assert list(stream(model, rows[1], 6, images=images[2:])) == cached.response_lists()[1]
     # by hand: the greedy argmax of a full forward pass with the images, one token at a time
     seq = torch.tensor([rows[1]])
     with torch.no_grad():
