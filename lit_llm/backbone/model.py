@@ -215,15 +215,16 @@ class Transformer(nn.Module):
             raise ValueError(
                 "config.vision.patch_token_id is not set (-1): link it from the tokenizer's <|patch|> id"
             )
-        features = self.vision(images)  # (n_tiles * tokens_per_tile, C)
+        self.vision.check_images(images)
         is_patch = idx == patch_id
-        n_tokens = int(is_patch.sum())
-        if n_tokens != features.shape[0]:
+        n_tokens, per_tile = int(is_patch.sum()), self.config.vision.tokens_per_tile
+        if n_tokens != images.shape[0] * per_tile:  # checked before the tower runs
             raise ValueError(
-                f"the tokens hold {n_tokens} <|patch|> placeholders but the images give {features.shape[0]} "
-                f"features ({images.shape[0]} tiles x {self.config.vision.tokens_per_tile} per tile); "
+                f"the tokens hold {n_tokens} <|patch|> placeholders but the images give "
+                f"{images.shape[0] * per_tile} features ({images.shape[0]} tiles x {per_tile} per tile); "
                 "each tile needs exactly tokens_per_tile placeholders"
             )
+        features = self.vision(images)  # (n_tiles * tokens_per_tile, C)
         # True positions are filled in row-major order (row 0 first, left to right), as Hugging Face does
         return x.masked_scatter(is_patch[..., None], features.to(x.dtype))
 
