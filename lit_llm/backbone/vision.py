@@ -8,9 +8,9 @@ The architecture of Hugging Face's ``Llama4VisionModel`` + ``Llama4MultiModalPro
    embedding over patches + class token, then a LayerNorm (``pre_norm``).
 3. **Encoder layers**: pre-norm residual blocks with LayerNorm (with bias), bidirectional multi-head
    attention within a tile (q/k/v/o with bias) and an MLP ``fc1 -> GELU (erf) -> fc2`` with biases.
-   Queries and keys are rotated by a 2-D axial RoPE: in each head, the first quarter of the adjacent
-   pairs turns with the patch's column ``x + 1`` and the second quarter with its row ``y + 1``
-   (1-based coordinates); the class token is not rotated (angle 0). Hugging Face rotates *adjacent*
+   Queries and keys are rotated by a 2-D axial RoPE: in each head, the first half of the adjacent pairs
+   (the first half of the head's width) turns with the patch's column ``x + 1`` and the second half with
+   its row ``y + 1`` (1-based coordinates); the class token is not rotated (angle 0). Hugging Face rotates *adjacent*
    pairs ``(x[2i], x[2i+1])`` as complex numbers, and so does :func:`apply_pair_rope` (rotating as Hugging
    Face does), so the weights are used as they are (no permutation, unlike the text RoPE).
 4. ``post_norm``, drop the class token, **pixel shuffle** (each ``s x s`` block of neighbouring patches,
