@@ -466,6 +466,7 @@ def test_answer_learned_from_the_image_through_the_fusion():
         (dict(num_heads=32), r"head width hidden_size / num_heads = 2 must be a multiple of 4"),
         (dict(num_layers=0), r"num_layers must be a positive integer"),
         (dict(patch_token_id=-5), r"patch_token_id must be a token id or -1"),
+        (dict(projector_init_scale=0.0), r"projector_init_scale must be positive"),
     ],
 )
 def test_vision_config_checks_couplings(fields, message):
@@ -485,6 +486,21 @@ def test_model_config_nests_vision():
         ModelConfig.from_name("llama4-vision-tiny", vision={"patch_token_id": 600})
     with pytest.raises(ValueError, match=r"unknown vision fields \['layers'\]"):
         ModelConfig.from_name("llama4-vision-tiny", vision={"layers": 3})
+
+
+def test_projector_init_scale_scales_the_initial_features():
+    towers = []
+    for scale in (1.0, 4.0):
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_name("llama4-vision-tiny", vision={"projector_init_scale": scale})
+        towers.append(Transformer(cfg).vision)
+    plain, scaled = (dict(t.named_parameters()) for t in towers)
+    for name, p in plain.items():  # the same draws; only the projector is multiplied
+        want = 4 * p if name == "projector.weight" else p
+        torch.testing.assert_close(scaled[name], want, rtol=0, atol=0)
+    img = torch.rand(2, 3, 48, 48) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(towers[1](img), 4 * towers[0](img))
 
 
 def test_scout_vision_parameters_equal_hf_on_meta():

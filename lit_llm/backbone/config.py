@@ -41,6 +41,11 @@ class VisionConfig:
         norm_eps: Epsilon of the LayerNorms (Hugging Face's tower always uses 1e-5).
         patch_token_id: Id of ``<|patch|>`` in the tokenizer: image features replace the embeddings of these
             tokens. ``-1`` until linked from the tokenizer.
+        projector_init_scale: Multiplies the standard deviation of the projector's initial weights (an
+            initialisation setting only: no forward pass and no Hugging Face export depends on it). With the
+            default 1 a fresh tower's features are several times smaller than the token embeddings they
+            replace, so a model trained from scratch learns to use the image late; a larger value starts
+            them nearer the embeddings' scale.
     """
 
     image_size: int = 32
@@ -56,6 +61,7 @@ class VisionConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     patch_token_id: int = -1
+    projector_init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -114,6 +120,10 @@ class VisionConfig:
         )
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(
+            self.projector_init_scale > 0,
+            f"projector_init_scale must be positive, got {self.projector_init_scale}",
+        )
         need(
             self.patch_token_id >= -1,
             f"patch_token_id must be a token id or -1 (not linked yet), got {self.patch_token_id}",

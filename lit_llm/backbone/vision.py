@@ -167,8 +167,9 @@ class VisionTower(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Linear weights Normal(0, ``std``), zero biases, LayerNorms (1, 0); the class token and the
-        position table Normal(0, ``hidden_size ** -0.5``) as Hugging Face initialises them."""
+        """Linear weights Normal(0, ``std``) (the projector's times ``projector_init_scale``), zero biases,
+        LayerNorms (1, 0); the class token and the position table Normal(0, ``hidden_size ** -0.5``) as
+        Hugging Face initialises them."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, 0.0, std)
@@ -176,6 +177,7 @@ class VisionTower(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
+        nn.init.normal_(self.projector.weight, 0.0, std * self.config.projector_init_scale)
         scale = self.config.hidden_size**-0.5
         nn.init.normal_(self.class_embedding, 0.0, scale)
         nn.init.normal_(self.pos_embed, 0.0, scale)
