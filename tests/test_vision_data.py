@@ -341,3 +341,211 @@ def test_collate_concatenates_tiles_of_rows_in_order():
     assert (
         b["images"][:2].eq(-1).all() and b["images"][2].eq(1).all() and b["tiles_per_row"].tolist() == [2, 1]
     )
+
+
+# ------------------------------------------------------------------------------- stage, callback, CLI
+def test_exact_rows_and_shuffled_images_by_hand():
+    from lit_llm.stages.sft import exact_rows, shuffle_images
+
+    logits = torch.zeros(3, 3, 5)
+    logits[0, 1, 2] = logits[0, 2, 4] = 1  # row 0 predicts 2 then 4
+    logits[1, 1, 2] = logits[1, 2, 3] = 1  # row 1 gets the second token wrong
+    labels = torch.tensor([[-100, 2, 4], [-100, 2, 4], [-100, -100, -100]])
+    assert exact_rows(logits, labels).tolist() == [1, 0, 0]  # a row without labels is not right
+    images = torch.arange(6.0).view(6, 1, 1, 1)  # 3 rows x 2 tiles
+    assert shuffle_images(images, torch.tensor([2, 2, 2])).flatten().tolist() == [4, 5, 0, 1, 2, 3]
+    assert shuffle_images(images, torch.tensor([1, 2, 3])) is None
+    assert shuffle_images(images[:2], torch.tensor([2])) is None
+
+
+def tiny_vision_model(dm: VisionDataModule):
+    from lit_llm.backbone import ModelConfig, Transformer
+
+    cfg = ModelConfig.from_name(
+        "llama4-vision-tiny", vocab_size=dm.vocab_size, n_layer=2, moe_n_expert=0, vision={"num_layers": 1}
+    )
+    cfg.vision.patch_token_id = dm.tokenizer.patch_id
+    torch.manual_seed(0)
+    return Transformer(cfg).eval()
+
+
+def test_exact_rows_agree_with_greedy_decoding_with_images(shapes_dm):
+    """Teacher-forced "every answer token right" is greedy decoding writing exactly the answer and stopping."""
+    from lit_llm.backbone.generate import generate
+    from lit_llm.stages.sft import exact_rows
+
+    dm, tok = shapes_dm, shapes_dm.tokenizer
+    model = tiny_vision_model(dm)
+    examples = dm.val_examples[:6]
+    out = generate(
+        model,
+        [e["input_ids"][: e["prompt_len"]] for e in examples],
+        4,
+        stop_tokens=[tok.end_id],
+        pad_id=tok.pad_id,
+        images=world.normalize(torch.cat([e["tiles"] for e in examples])),
+    )
+    # make the model's own greedy replies the labels: every row is then exact; one changed token is not
+    fake = []
+    for e, reply in zip(examples, out.response_lists()):
+        ids = e["input_ids"][: e["prompt_len"]] + reply
+        fake.append({**e, "input_ids": ids[:-1], "labels": [IGNORE_INDEX] * (e["prompt_len"] - 1) + reply})
+    b = collate_images(fake, tok.pad_id)
+    with torch.no_grad():
+        logits = model(b["input_ids"], images=b["images"])
+    assert exact_rows(logits, b["labels"]).tolist() == [1] * 6
+    b["labels"][0, e["prompt_len"] - 1] = (b["labels"][0, examples[0]["prompt_len"] - 1] + 1) % dm.vocab_size
+    assert exact_rows(logits, b["labels"]).tolist() == [0] + [1] * 5
+
+
+def test_sample_grid_draws_every_sample():
+    from lit_llm.callbacks import sample_grid
+
+    tiles = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    tiles[0, 0] = 255  # a red image
+    samples = [
+        {"tiles": tiles, "question": "What color?", "answer": "red", "reply": r}
+        for r in ("red", "blue", "red")
+    ]
+    grid = sample_grid(samples, columns=2, scale=4)
+    assert grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[1] == 2 * 204
+    red = (grid[..., 0] == 255) & (grid[..., 1] == 0) & (grid[..., 2] == 0)
+    assert red.sum() == 3 * 32 * 32  # three enlarged red pictures
+    text = grid[32:74].astype(int)  # under the first row of pictures: replies, green if right, red if not
+    green = (text[..., 1] > text[..., 0] + 60) & (text[..., 1] > text[..., 2] + 60)
+    red_text = (text[..., 0] > text[..., 1] + 60) & (text[..., 0] > text[..., 2] + 60)
+    assert green[:, :204].any() and red_text[:, 204:].any() and not red_text[:, :204].any()
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory):
+    """The shipped vision config, shrunk: a few steps on a tiny model, with its TensorBoard log."""
+    import os
+
+    from lit_llm.cli import main
+
+    work = tmp_path_factory.mktemp("vision")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        main(
+            [
+                "fit",
+                "--config",
+                str(Path(__file__).resolve().parents[1] / "configs/vision/shapes.yaml"),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+                "--trainer.max_steps",
+                "4",
+                "--trainer.val_check_interval",
+                "4",
+                "--trainer.precision",
+                "32-true",
+                "--data.shapes_train",
+                "64",
+                "--data.shapes_val",
+                "16",
+                "--data.batch_size",
+                "8",
+                "--model.model_overrides",
+                "{n_layer: 1, moe_n_expert: 0, vision: {num_layers: 1, image_size: 32}}",
+            ]
+        )
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def test_fit_links_the_patch_id_and_logs_accuracy_and_pictures(vision_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_llm.checkpoint import load_backbone
+
+    model, tok, meta = load_backbone(vision_run / "checkpoints/vision/last.ckpt")
+    assert model.config.vision is not None and model.config.vision.patch_token_id == tok.patch_id
+    assert meta["stage"] == "sft"
+    (events,) = list((vision_run / "checkpoints/logs/vision").rglob("events.out*"))
+    ea = EventAccumulator(str(events), size_guidance={"images": 0})
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    for t in world.QUESTION_TYPES:
+        assert {f"val/exact/{t}", f"val/exact_shuffled/{t}"} <= scalars
+    assert "val/samples" in ea.Tags()["images"]
+
+
+def test_generate_and_chat_answer_about_an_image(vision_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    from lit_llm.cli import main
+
+    ckpt = str(vision_run / "checkpoints/vision/last.ckpt")
+    world.questions(1, "test")[0]["image"].save(tmp_path / "board.png")
+    main(
+        [
+            "generate",
+            "--ckpt",
+            ckpt,
+            "--chat",
+            "--prompt",
+            "What color is the circle?",
+            "--image",
+            str(tmp_path / "board.png"),
+            "--max_new_tokens",
+            "3",
+        ]
+    )
+    assert capsys.readouterr().out.startswith("What color is the circle?")
+    monkeypatch.setattr("sys.stdin", io.StringIO("How many shapes are there?\nAnd now?\n"))
+    main(["chat", "--ckpt", ckpt, "--image", str(tmp_path / "board.png"), "--max_new_tokens", "3"])
+    assert capsys.readouterr().out.count("assistant> ") == 2
+    with pytest.raises(DataError, match="image not found"):
+        main(["generate", "--ckpt", ckpt, "--prompt", "x", "--image", str(tmp_path / "none.png")])
+
+
+def test_text_only_checkpoint_refuses_an_image(sft_ckpt, tmp_path, capsys, monkeypatch):
+    from lit_llm.cli import console_main
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "lit-llm",
+            "generate",
+            "--ckpt",
+            str(sft_ckpt),
+            "--chat",
+            "--prompt",
+            "hi",
+            "--image",
+            str(tmp_path / "x.png"),
+        ],
+    )
+    with pytest.raises(SystemExit) as info:
+        console_main()
+    assert info.value.code == 2
+    assert "is a text-only model (no vision tower): it cannot take --image" in capsys.readouterr().err
+
+
+def test_stage_refuses_data_of_another_image_size(tmp_path):
+    from lightning import Trainer
+
+    from lit_llm.stages import SFTModule
+
+    dm = VisionDataModule(image_size=32, shapes_train=16, shapes_val=8, batch_size=8)
+    module = SFTModule(preset="llama4-vision-tiny", from_scratch=True, vocab_size=dm.vocab_size)
+    trainer = Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(
+        ValueError,
+        match="32x32-pixel tiles of 4 <.patch.> tokens but the model's vision config wants 48x48 tiles of 9",
+    ):
+        trainer.fit(module, datamodule=dm)
+    with pytest.raises(ValueError, match="from_scratch"):
+        SFTModule(preset="llama4-vision-tiny")

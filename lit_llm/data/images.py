@@ -27,7 +27,9 @@ shapes on a ``grid x grid`` board, drawn with Pillow, and questions whose answer
   the top left?" -> "red";
 * ``count``: "How many shapes are there?" / "How many blue shapes are there?" -> "3";
 * ``position``: "Where is the red square?" (asked when there is one) -> "bottom right";
-* ``presence``: "Is there a green triangle?" -> "yes" / "no" (half and half).
+* ``presence``: "Is there a green triangle?" -> "yes" / "no" (half and half);
+* ``describe`` (only when asked for in ``question_types``): "Describe the board." -> "red circle top left.
+  blue square center" (every shape, row by row): a caption, a dense training signal for the vision tower.
 
 A question never contains its answer, and the reply is the bare answer. As in tinyworld, each scene belongs
 to exactly one split (``train`` 80%, ``val`` 10%, ``test`` 10%) by the CRC32 of its description, each
@@ -186,6 +188,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
 QUESTION_TYPES: tuple[str, ...] = ("color", "count", "position", "presence")
+# "describe" (a caption: every shape with its place) is an extra, dense training signal, not a test type
+ALL_TYPES: tuple[str, ...] = (*QUESTION_TYPES, "describe")
 BACKGROUND = (20, 20, 20)
 _MAX_TRIES = 10_000
 
@@ -243,10 +247,10 @@ class ShapesConfig:
             )
         if not 2 <= self.colors <= len(COLORS):
             raise ValueError(f"colors must be in 2..{len(COLORS)}, got {self.colors}")
-        bad = [t for t in self.question_types if t not in QUESTION_TYPES]
+        bad = [t for t in self.question_types if t not in ALL_TYPES]
         if bad or not self.question_types:
             raise ValueError(
-                f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {self.question_types}"
+                f"question_types must be a non-empty subset of {ALL_TYPES}, got {self.question_types}"
             )
 
     @property
@@ -312,6 +316,8 @@ def _question(
             return f"What color is the {s.shape}?", s.color
         s = rng.choice(scene)
         return f"What color is the shape in the {names[s.cell]}?", s.color
+    if qtype == "describe":
+        return "Describe the board.", ". ".join(f"{s.color} {s.shape} {names[s.cell]}" for s in scene)
     if qtype == "count":
         if rng.random() < 0.5:
             return "How many shapes are there?", str(len(scene))

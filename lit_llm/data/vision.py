@@ -21,6 +21,7 @@ parts; without image parts, the images go at the start of the first user turn. A
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,8 @@ class VisionDataModule(RecordDataModule):
         shapes_train: Training questions drawn from the image world (one scene each).
         shapes_val: Validation questions (held-out scenes).
         shapes_max: Most shapes on a board.
+        shapes_types: Question types of the training split, drawn equally often; add ``describe`` (captions
+            of the whole board) for a denser training signal. Validation asks the four question types.
         seed: Seed of the image world.
         num_workers: DataLoader workers.
     """
@@ -117,6 +120,7 @@ class VisionDataModule(RecordDataModule):
         shapes_train: int = 20000,
         shapes_val: int = 500,
         shapes_max: int = 5,
+        shapes_types: tuple[str, ...] = world.QUESTION_TYPES,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -142,6 +146,7 @@ class VisionDataModule(RecordDataModule):
             cell=cell,
             max_shapes=min(shapes_max, (image_size // cell) ** 2),
         )
+        self.train_shapes = dataclasses.replace(self.shapes, question_types=tuple(shapes_types))
 
     # ---------------------------------------------------------------------------------------- tokenizer
     @property
@@ -161,7 +166,7 @@ class VisionDataModule(RecordDataModule):
         if self.source == SHAPES:
             return [
                 f"{r['question']} {r['answer']}"
-                for r in world.questions(4000, "train", self.shapes, images=False)
+                for r in world.questions(4000, "train", self.train_shapes, images=False)
             ]
         texts = []
         for rec in read_records(self.source):
@@ -192,7 +197,8 @@ class VisionDataModule(RecordDataModule):
         return [
             ImageItem(
                 messages=[
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]},
+                    # the question before the image: the patch tokens can then attend to it (causal attention)
+                    {"role": "user", "content": [{"type": "text", "text": r["question"]}, {"type": "image"}]},
                     {"role": "assistant", "content": r["answer"]},
                 ],
                 images=[r["image"]],
@@ -200,7 +206,7 @@ class VisionDataModule(RecordDataModule):
                 answer=r["answer"],
                 question=r["question"],
             )
-            for r in world.questions(n, split, self.shapes)
+            for r in world.questions(n, split, self.train_shapes if split == "train" else self.shapes)
         ]
 
     def convert_record(self, record: dict[str, Any]) -> list:
