@@ -38,7 +38,7 @@ EXPECTED = {
     ),
     "pretrain/tiny-fsdp.yaml": ("pretrain-fsdp", "pretrain-fsdp", [LR, THROUGHPUT], {"accelerator": "gpu"}),
     "sft/tinyworld.yaml": ("sft", "sft", [LR, (SAMPLES, 0)], {"max_steps": 300}),
-    "vision/shapes.yaml": ("vision", "vision", [LR, VISION_SAMPLES, THROUGHPUT], {"val_check_interval": 250}),
+    "vision/shapes.yaml": ("vision", "vision", [LR, VISION_SAMPLES, THROUGHPUT], {"val_check_interval": 400}),
     "sft/alpaca-seed.yaml": ("sft-alpaca", "sft-alpaca", [LR, (SAMPLES, 0)], {"val_check_interval": 50}),
     "reward/tinyworld.yaml": ("reward", "reward", [LR], {"max_steps": 200}),
     "reward/hh-rlhf.yaml": ("reward-hh", "reward-hh", [LR], {}),

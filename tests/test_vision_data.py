@@ -450,7 +450,7 @@ def vision_run(tmp_path_factory):
                 "--data.batch_size",
                 "8",
                 "--model.model_overrides",
-                "{n_layer: 1, moe_n_expert: 0, vision: {num_layers: 1, image_size: 32}}",
+                "{n_layer: 1, moe_n_expert: 0, vision: {num_layers: 1, image_size: 32, projector_init_scale: 32.0}}",
             ]
         )
     finally:
