@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -47,7 +46,7 @@ class SFTModule(Stage):
             )
         self.eval_max_new_tokens = eval_max_new_tokens
         self._samples: list[tuple[str, str]] = []
-        self._exact: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # type -> [right, shuffled, n]
+        self._exact: dict[str, list[int]] = {}  # question type -> [right, right with shuffled images, n]
 
     # ----------------------------------------------------------------------------------------- images
     def setup(self, stage: str) -> None:
@@ -103,9 +102,10 @@ class SFTModule(Stage):
         if images is not None:
             shuffled = exact_rows(self.forward_batch(batch, images), batch["labels"])
         for t, r, s in zip(batch["qtypes"], right.tolist(), shuffled.tolist()):
-            self._exact[t][0] += r
-            self._exact[t][1] += s
-            self._exact[t][2] += 1
+            counts = self._exact.setdefault(t, [0, 0, 0])
+            counts[0] += r
+            counts[1] += s
+            counts[2] += 1
 
     def on_validation_epoch_start(self) -> None:
         self._exact.clear()
