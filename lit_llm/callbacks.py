@@ -201,3 +201,72 @@ class ThroughputMonitor(Callback):
             mfu = tps * flops_per_token(pl_module.model, x.shape[-1]) / (peak * trainer.world_size)
             pl_module.log("throughput/mfu", mfu, on_step=True, rank_zero_only=True)
         self._t0, self._tokens = time.perf_counter(), 0
+
+
+class VisionSampleCallback(Callback):
+    """After each validation, a picture grid in TensorBoard (``IMAGES`` tab, tag ``val/samples``): held-out
+    images with their question, the model's greedy answer (green when right, red when wrong) and the truth.
+
+    The stage provides ``image_samples(examples) -> [{"tiles", "question", "answer", "reply"}, ...]``
+    (``SFTModule``); the examples are the first ``n`` of the DataModule's ``val_examples``.
+
+    Args:
+        n: Images in the grid.
+        columns: Images per row of the grid.
+        scale: Each image is enlarged this many times (nearest neighbour) so its pixels stay visible.
+    """
+
+    def __init__(self, n: int = 8, columns: int = 4, scale: int = 4) -> None:
+        self.n, self.columns, self.scale = n, columns, scale
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        exp = getattr(trainer.logger, "experiment", None)
+        examples = getattr(getattr(trainer, "datamodule", None), "val_examples", None)
+        if trainer.sanity_checking or exp is None or not hasattr(exp, "add_image") or not examples:
+            return
+        if not hasattr(pl_module, "image_samples"):
+            return
+        samples = pl_module.image_samples(examples[: self.n])
+        if samples:
+            exp.add_image(
+                "val/samples",
+                sample_grid(samples, self.columns, self.scale),
+                trainer.global_step,
+                dataformats="HWC",
+            )
+
+
+def sample_grid(samples: list[dict], columns: int = 4, scale: int = 4) -> Any:
+    """An ``(H, W, 3)`` uint8 array: each sample's image (its last tile: the whole image, or the global
+    tile of a tiled one) enlarged ``scale`` times, with the question, the reply and the truth below it."""
+    import textwrap
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    side = samples[0]["tiles"].shape[-1] * scale
+    width, line = max(side, 200), 12
+    cells = []
+    for s in samples:
+        picture = Image.fromarray(s["tiles"][-1].permute(1, 2, 0).numpy()).resize(
+            (side, side), Image.Resampling.NEAREST
+        )
+        lines = textwrap.wrap(f"Q: {s['question']}", width // 6) or [""]
+        right = s["reply"].strip().lower() == s["answer"].strip().lower()
+        cell = Image.new("RGB", (width, side + line * (len(lines) + 2) + 6), (255, 255, 255))
+        cell.paste(picture, ((width - side) // 2, 0))
+        draw = ImageDraw.Draw(cell)
+        y = side + 3
+        for text in lines:
+            draw.text((3, y), text, fill=(0, 0, 0))
+            y += line
+        draw.text((3, y), f"model: {s['reply']}", fill=(0, 140, 0) if right else (200, 0, 0))
+        draw.text((3, y + line), f"truth: {s['answer']}", fill=(0, 0, 0))
+        cells.append(cell)
+    height = max(c.height for c in cells)
+    rows = -(-len(cells) // columns)
+    grid = Image.new("RGB", (columns * (width + 4), rows * (height + 4)), (200, 200, 200))
+    for i, c in enumerate(cells):
+        grid.paste(c, ((i % columns) * (width + 4), (i // columns) * (height + 4)))
+    return np.asarray(grid)

@@ -13,22 +13,28 @@ Neither needs ``transformers`` installed: configs are plain dicts, weights plain
   permutation shared by queries and keys. NoPE layers are copied as they are. The stacked experts have the
   same layout on both sides (``gate_up_proj (E, C, 2H)``, ``down_proj (E, H, C)``).
 
+- **Llama 4 with images** (``Llama4ForConditionalGeneration``, ``model_type: llama4``): a model whose config
+  has a ``vision`` tower. The text model converts as above under the prefix ``language_model.``; the vision
+  tower and the projector are a renaming (``vision_model.*``, ``multi_modal_projector.linear_1``): the vision
+  RoPE rotates the same adjacent pairs on both sides, so no permutation there. ``image_token_index`` is our
+  ``vision.patch_token_id``.
+
 A config that a side cannot express (biases, another RoPE scaling type, a NoPE / MoE layer pattern that is
 not "every n-th", a sliding window in a Llama 4 export, ...) is refused with the reason, never approximated.
-The multimodal ``Llama4ForConditionalGeneration`` (``model_type: llama4``) is refused: this backbone builds
-the text model only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lit_llm.backbone.config import ModelConfig
+from lit_llm.backbone.config import ModelConfig, VisionConfig
 from lit_llm.backbone.model import Transformer
 
 if TYPE_CHECKING:
@@ -283,6 +289,8 @@ def _check_llama_expressible(config: ModelConfig) -> None:
     bad = _llama_blockers(config) + _llama4_only(config)
     if config.sliding_window is not None:
         bad.append(f"sliding_window={config.sliding_window}")
+    if config.vision is not None:
+        bad.append("a vision tower (export it as llama4)")
     if bad:
         raise ValueError(f"a Llama checkpoint cannot express {', '.join(bad)}")
 
@@ -464,10 +472,202 @@ def state_dict_to_hf_llama4(state: dict[str, torch.Tensor], config: ModelConfig)
     return out
 
 
+# ---------------------------------------------------------------------------------- Llama 4 with images
+# our vision-tower names -> Hugging Face's (under ``vision_model.``), per encoder layer and outside them
+_VISION_LAYER_NAMES = {
+    **{f"attn.{p}_proj.{w}": f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")},
+    **{f"mlp.fc{i}.{w}": f"mlp.fc{i}.{w}" for i in (1, 2) for w in ("weight", "bias")},
+    **{f"input_norm.{w}": f"input_layernorm.{w}" for w in ("weight", "bias")},
+    **{f"post_attention_norm.{w}": f"post_attention_layernorm.{w}" for w in ("weight", "bias")},
+}
+_VISION_NAMES = {
+    "patch_embed.weight": "vision_model.patch_embedding.linear.weight",
+    "class_embedding": "vision_model.class_embedding",
+    "pos_embed": "vision_model.positional_embedding_vlm",
+    **{f"pre_norm.{w}": f"vision_model.layernorm_pre.{w}" for w in ("weight", "bias")},
+    **{f"post_norm.{w}": f"vision_model.layernorm_post.{w}" for w in ("weight", "bias")},
+    "adapter.fc1.weight": "vision_model.vision_adapter.mlp.fc1.weight",
+    "adapter.fc2.weight": "vision_model.vision_adapter.mlp.fc2.weight",
+    "projector.weight": "multi_modal_projector.linear_1.weight",
+}
+# Hugging Face's tower computes every LayerNorm with torch's default epsilon, whatever ``norm_eps`` says
+_HF_VISION_LN_EPS = 1e-5
+
+
+def _vision_names(vision: VisionConfig) -> dict[str, str]:
+    """Every vision parameter: our name (under ``vision.``) -> Hugging Face's."""
+    names = {f"vision.{ours}": theirs for ours, theirs in _VISION_NAMES.items()}
+    for i in range(vision.num_layers):
+        for ours, theirs in _VISION_LAYER_NAMES.items():
+            names[f"vision.layers.{i}.{ours}"] = f"vision_model.model.layers.{i}.{theirs}"
+    return names
+
+
+def _square(value: Any, what: str, refuse: Any) -> int:
+    """An int from a size that may be given as ``[h, w]``; refuse non-square ones."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            refuse(f"{what}={value} (square tiles and patches only)")
+        value = value[0]
+    return int(value)
+
+
+def vision_config_from_hf(hf_vision: Any, image_token_id: int = -1) -> VisionConfig:
+    """Our ``VisionConfig`` for a Hugging Face ``Llama4VisionConfig`` (object or dict).
+
+    Hugging Face's tower ignores ``norm_eps`` (its LayerNorms use 1e-5), ``hidden_act`` (always the exact
+    GELU) and ``multi_modal_projector_bias`` (no bias), so we take what it computes, not what those say.
+    """
+
+    def refuse(reason: str) -> None:
+        raise ValueError(f"cannot convert this Llama 4 vision config: {reason}")
+
+    v = _config_dict(hf_vision)
+    hidden = v.get("hidden_size", 768)
+    out_dim = v.get("projector_output_dim", 4096)
+    if v.get("vision_output_dim", 7680) != out_dim:
+        refuse(
+            f"vision_output_dim={v.get('vision_output_dim', 7680)} differs from projector_output_dim="
+            f"{out_dim} (the projector reads the adapter's output: they must be equal)"
+        )
+    try:
+        return VisionConfig(
+            image_size=_square(v.get("image_size", 448), "image_size", refuse),
+            patch_size=_square(v.get("patch_size", 14), "patch_size", refuse),
+            num_channels=v.get("num_channels", 3),
+            hidden_size=hidden,
+            intermediate_size=v.get("intermediate_size", 5632),
+            num_layers=v.get("num_hidden_layers", 34),
+            num_heads=v.get("num_attention_heads", 16),
+            pixel_shuffle_ratio=float(v.get("pixel_shuffle_ratio", 0.5)),
+            projector_input_dim=v.get("projector_input_dim", 4096),
+            projector_output_dim=out_dim,
+            rope_theta=_rope_params(v, 10000.0)["rope_theta"],
+            norm_eps=_HF_VISION_LN_EPS,
+            patch_token_id=image_token_id,
+        )
+    except ValueError as e:  # a coupling Hugging Face leaves unchecked (its forward would fail on shapes)
+        refuse(str(e))
+        raise
+
+
+def hf_vision_config_dict(vision: VisionConfig) -> dict[str, Any]:
+    """A Hugging Face ``vision_config`` dictionary for our vision tower."""
+    if vision.norm_eps != _HF_VISION_LN_EPS:
+        raise ValueError(
+            f"a Llama 4 checkpoint cannot express vision.norm_eps={vision.norm_eps} (its vision LayerNorms "
+            f"always use {_HF_VISION_LN_EPS})"
+        )
+    return {
+        "model_type": "llama4_vision_model",
+        "hidden_size": vision.hidden_size,
+        "hidden_act": "gelu",
+        "num_hidden_layers": vision.num_layers,
+        "num_attention_heads": vision.num_heads,
+        "num_channels": vision.num_channels,
+        "intermediate_size": vision.intermediate_size,
+        "vision_output_dim": vision.projector_output_dim,
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "norm_eps": vision.norm_eps,
+        "pixel_shuffle_ratio": vision.pixel_shuffle_ratio,
+        "projector_input_dim": vision.projector_input_dim,
+        "projector_output_dim": vision.projector_output_dim,
+        "multi_modal_projector_bias": False,
+        "projector_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "vision_feature_select_strategy": "default",
+        "rope_parameters": {"rope_type": "default", "rope_theta": vision.rope_theta},
+    }
+
+
+def config_from_hf_llama4_vision(hf_config: Any) -> ModelConfig:
+    """Our ``ModelConfig`` (with ``vision``) for a Hugging Face multimodal ``Llama4Config`` (object or dict)."""
+    c = _config_dict(hf_config)
+    text = _config_dict(c.get("text_config") or {})
+    if "tie_word_embeddings" in c:  # the top-level flag decides the tying of the multimodal model
+        text["tie_word_embeddings"] = c["tie_word_embeddings"]
+    config = config_from_hf_llama4({**text, "model_type": "llama4_text"})
+    vision = vision_config_from_hf(c.get("vision_config") or {}, c.get("image_token_index", 200092))
+    return dataclasses.replace(config, name="hf-llama4-vision", vision=vision)
+
+
+def hf_llama4_vision_config_dict(config: ModelConfig, **special_tokens: Any) -> dict[str, Any]:
+    """A ``config.json`` dictionary for ``Llama4ForConditionalGeneration`` (``llama4``) with our shapes.
+
+    ``image_token_index`` is ``vision.patch_token_id``; ``boi/eoi_token_index`` (begin / end of image) take
+    ``image_start_id`` / ``image_end_id`` from ``special_tokens`` when given.
+    """
+    if config.vision is None:
+        raise ValueError("a text-only config: export it as Llama4ForCausalLM (llama4_text)")
+    if config.vision.patch_token_id < 0:
+        raise ValueError("vision.patch_token_id is not set (-1): link it from the tokenizer before exporting")
+    boi, eoi = special_tokens.pop("image_start_id", None), special_tokens.pop("image_end_id", None)
+    text = hf_llama4_config_dict(dataclasses.replace(config, vision=None), **special_tokens)
+    text.pop("architectures")
+    text.pop("torch_dtype")
+    out: dict[str, Any] = {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": text,
+        "vision_config": hf_vision_config_dict(config.vision),
+        "image_token_index": config.vision.patch_token_id,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": "float32",
+        **special_tokens,
+    }
+    if boi is not None:
+        out["boi_token_index"] = boi
+    if eoi is not None:
+        out["eoi_token_index"] = eoi
+    return out
+
+
+def state_dict_from_hf_llama4_vision(
+    hf_state: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """A Hugging Face ``Llama4ForConditionalGeneration`` state dict in our names and RoPE layout."""
+    prefix = "language_model."
+    text = {k[len(prefix) :]: v for k, v in hf_state.items() if k.startswith(prefix)}
+    out = state_dict_from_hf_llama4(text, config)
+    out.update({ours: hf_state[theirs] for ours, theirs in _vision_names(config.vision).items()})
+    return out
+
+
+def state_dict_to_hf_llama4_vision(
+    state: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Our state dict in Hugging Face ``Llama4ForConditionalGeneration`` names and RoPE layout."""
+    text = {k: v for k, v in state.items() if not k.startswith("vision.")}
+    out = {
+        f"language_model.{k}": v
+        for k, v in state_dict_to_hf_llama4(text, dataclasses.replace(config, vision=None)).items()
+    }
+    out.update({theirs: state[ours] for ours, theirs in _vision_names(config.vision).items()})
+    return out
+
+
+def _image_token_fields(vision: VisionConfig, tokenizer: Tokenizer) -> dict[str, int]:
+    """``image_start_id`` / ``image_end_id`` for the exported config; refuses a tokenizer whose ``<|patch|>``
+    is not the model's."""
+    from lit_llm.tokenizer import IMAGE_END, IMAGE_START, PATCH
+
+    ids = tokenizer.image_token_ids()
+    if ids is None:
+        raise ValueError("the model has a vision tower but its tokenizer has no image tokens")
+    if ids[PATCH] != vision.patch_token_id:
+        raise ValueError(
+            f"the tokenizer's {PATCH} is id {ids[PATCH]} but the model's vision.patch_token_id is "
+            f"{vision.patch_token_id}: export the model with the tokenizer it was trained with"
+        )
+    return {"image_start_id": ids[IMAGE_START], "image_end_id": ids[IMAGE_END]}
+
+
 # ------------------------------------------------------------------------------------- either, by arch
 def hf_arch(config: ModelConfig) -> Literal["llama", "llama4"]:
-    """``llama`` when a Llama checkpoint expresses the config, else ``llama4``."""
+    """``llama`` when a Llama checkpoint expresses the config, else ``llama4`` (always with a vision tower)."""
     blockers = _llama4_only(config) + ([] if config.sliding_window is None else ["sliding_window"])
+    blockers += [] if config.vision is None else ["vision"]
     return "llama4" if blockers else "llama"
 
 
@@ -481,6 +681,8 @@ def hf_config_dict(config: ModelConfig, arch: Arch = "auto", **special_tokens: A
     """``config.json`` for ``LlamaForCausalLM`` or ``Llama4ForCausalLM`` (``auto``: Llama when it fits)."""
     if _resolve(config, arch) == "llama":
         return hf_llama_config_dict(config, **special_tokens)
+    if config.vision is not None:
+        return hf_llama4_vision_config_dict(config, **special_tokens)
     return hf_llama4_config_dict(config, **special_tokens)
 
 
@@ -490,6 +692,8 @@ def state_dict_to_hf(
     """Our state dict in Hugging Face names for ``arch`` (see :func:`hf_config_dict`)."""
     if _resolve(config, arch) == "llama":
         return state_dict_to_hf_llama(state, config)
+    if config.vision is not None:
+        return state_dict_to_hf_llama4_vision(state, config)
     return state_dict_to_hf_llama4(state, config)
 
 
@@ -499,22 +703,27 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     kind = c.get("model_type")
     if kind == "llama":
         return config_from_hf_llama(c)
-    if kind in ("llama4_text", "llama4"):
+    if kind == "llama4" or "vision_config" in c:
+        return config_from_hf_llama4_vision(c)
+    if kind == "llama4_text":
         return config_from_hf_llama4(c)
-    raise ValueError(f"cannot convert model_type={kind!r} (supported: llama, llama4_text)")
+    raise ValueError(f"cannot convert model_type={kind!r} (supported: llama, llama4_text, llama4)")
 
 
 def state_dict_from_hf(
     hf_state: dict[str, torch.Tensor], config: ModelConfig, model_type: str
 ) -> dict[str, torch.Tensor]:
-    """A Hugging Face state dict of ``model_type`` (``llama`` / ``llama4_text``) in our names."""
+    """A Hugging Face state dict of ``model_type`` (``llama`` / ``llama4_text`` / ``llama4``) in our names."""
     if model_type == "llama":
         return state_dict_from_hf_llama(hf_state, config)
+    if model_type == "llama4":
+        return state_dict_from_hf_llama4_vision(hf_state, config)
     return state_dict_from_hf_llama4(hf_state, config)
 
 
 def from_hf(hf_model: Any) -> Transformer:
-    """Our ``Transformer`` from a Hugging Face ``LlamaForCausalLM`` or ``Llama4ForCausalLM`` instance."""
+    """Our ``Transformer`` from a Hugging Face ``LlamaForCausalLM``, ``Llama4ForCausalLM`` or
+    ``Llama4ForConditionalGeneration`` instance."""
     config = config_from_hf(hf_model.config)
     model = Transformer(config)
     state = state_dict_from_hf(hf_model.state_dict(), config, hf_model.config.model_type)
@@ -532,14 +741,25 @@ def to_hf(model: Transformer, arch: Arch = "auto") -> Any:
         values.pop(key)
     if kind == "llama":
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**values))
+    elif model.config.vision is not None:
+        hf = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**values))
     else:
         hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**values))
     state = state_dict_to_hf(model.state_dict(), model.config, kind)
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"conversion bug: missing {missing}, unexpected {unexpected}")
-    return hf.to(model.embed_tokens.weight.dtype).eval()
+    dtype = model.embed_tokens.weight.dtype
+    if dtype != torch.float32:
+        with warnings.catch_warnings():  # the complex RoPE buffer's cast, repaired just below
+            warnings.filterwarnings("ignore", message="Casting complex values to real")
+            hf = hf.to(dtype)
+        # Module.to(dtype) also casts complex buffers to real: recompute the vision RoPE's complex angles
+        rotary = getattr(getattr(hf, "vision_model", None), "rotary_embedding", None)
+        if rotary is not None:
+            rotary.freqs_ci = rotary._compute_freqs_ci(rotary.config).to(rotary.freqs_ci.device)
+    return hf.eval()
 
 
 # ------------------------------------------------------------------------------------ folders on disk
@@ -555,8 +775,9 @@ def export_hf(
 ) -> Path:
     """Write a Hugging Face model folder: ``config.json``, ``model.safetensors`` and the tokenizer files.
 
-    ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)`` then
-    load it offline. A tied output head is stored once (``tie_word_embeddings``).
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` (``AutoModelForImageTextToText`` for a model with a
+    vision tower, saved as ``Llama4ForConditionalGeneration``) and ``AutoTokenizer.from_pretrained(out_dir)``
+    then load it offline. A tied output head is stored once (``tie_word_embeddings``).
 
     Args:
         model: The backbone to export.
@@ -586,6 +807,8 @@ def export_hf(
             "eos_token_id": [tokenizer.end_id, tokenizer.eos_id],
             "pad_token_id": tokenizer.pad_id,
         }
+        if config.vision is not None:
+            special.update(_image_token_fields(config.vision, tokenizer))
     dtype = dtype or model.embed_tokens.weight.dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
@@ -625,7 +848,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def import_hf(
     path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
-    """Load a Hugging Face Llama / Llama 4 text model folder as our ``Transformer`` (and tokenizer).
+    """Load a Hugging Face Llama / Llama 4 (text or with images) folder as our ``Transformer`` (and tokenizer).
 
     Args:
         path: A folder with ``config.json`` and ``model.safetensors`` (or a sharded safetensors index).

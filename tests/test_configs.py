@@ -17,6 +17,7 @@ CHECKPOINT = "lit_llm.callbacks.StageCheckpoint"
 SAMPLES = "lit_llm.callbacks.SampleCallback"
 THROUGHPUT = "lit_llm.callbacks.ThroughputMonitor"
 LR = "lightning.pytorch.callbacks.LearningRateMonitor"
+VISION_SAMPLES = "lit_llm.callbacks.VisionSampleCallback"
 
 # per config: the stage folder, the logger name, the callbacks after the checkpoint (SampleCallback's
 # every_n_steps), and the stage's own values that must survive composition
@@ -38,6 +39,7 @@ EXPECTED = {
     "pretrain/tiny-fsdp.yaml": ("pretrain-fsdp", "pretrain-fsdp", [LR, THROUGHPUT], {"accelerator": "gpu"}),
     "sft/tinyworld.yaml": ("sft", "sft", [LR, (SAMPLES, 0)], {"max_steps": 300}),
     "sft/tinyworld-lora.yaml": ("sft-lora", "sft-lora", [LR, (SAMPLES, 0)], {"max_steps": 300}),
+    "vision/shapes.yaml": ("vision", "vision", [LR, VISION_SAMPLES, THROUGHPUT], {"val_check_interval": 400}),
     "sft/alpaca-seed.yaml": ("sft-alpaca", "sft-alpaca", [LR, (SAMPLES, 0)], {"val_check_interval": 50}),
     "reward/tinyworld.yaml": ("reward", "reward", [LR], {"max_steps": 200}),
     "reward/hh-rlhf.yaml": ("reward-hh", "reward-hh", [LR], {}),

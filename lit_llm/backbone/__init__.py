@@ -1,7 +1,7 @@
 """The shared model: pure ``torch.nn``, no Lightning."""
 
 from lit_llm.backbone.cache import KVCache
-from lit_llm.backbone.config import PRESETS, ModelConfig
+from lit_llm.backbone.config import PRESETS, ModelConfig, VisionConfig
 from lit_llm.backbone.model import Transformer, count_active_parameters, count_parameters
 from lit_llm.backbone.moe import MoE, moe_aux_losses
 
@@ -11,6 +11,7 @@ __all__ = [
     "ModelConfig",
     "MoE",
     "Transformer",
+    "VisionConfig",
     "count_active_parameters",
     "count_parameters",
     "moe_aux_losses",

@@ -15,6 +15,141 @@ from typing import Any, Literal
 
 
 @dataclass
+class VisionConfig:
+    """Shape of the Llama 4 vision tower (``lit_llm.backbone.vision``), nested in ``ModelConfig.vision``.
+
+    The couplings Hugging Face's ``Llama4VisionConfig`` leaves unchecked (a mismatch there fails with a
+    shape error deep in a forward pass) are checked here: the adapter's input width is the encoder's
+    ``intermediate_size``, so that must equal ``hidden_size / pixel_shuffle_ratio ** 2``; the adapter's
+    second layer is square, so ``projector_input_dim == projector_output_dim``; the pixel shuffle merges
+    ``s x s`` blocks of patches (``s = 1 / pixel_shuffle_ratio``, an integer dividing the patches per side).
+
+    Args:
+        image_size: Side of one square tile, in pixels.
+        patch_size: Side of one square patch, in pixels (divides ``image_size``).
+        num_channels: Colour channels of the input (3 for RGB).
+        hidden_size: Width of the vision encoder.
+        intermediate_size: Hidden width of the encoder MLP, and the width of the pixel-shuffled features
+            the adapter reads (must be ``hidden_size / pixel_shuffle_ratio ** 2``).
+        num_layers: Encoder layers.
+        num_heads: Attention heads (``hidden_size / num_heads`` must be a multiple of 4: the 2-D RoPE
+            splits each head's pairs between the x and y axes).
+        pixel_shuffle_ratio: ``1 / s`` for the ``s x s`` blocks of patches merged into one token.
+        projector_input_dim: Output width of the adapter's first layer.
+        projector_output_dim: Output width of the adapter (the projector's input).
+        rope_theta: Base of the vision RoPE frequencies.
+        norm_eps: Epsilon of the LayerNorms (Hugging Face's tower always uses 1e-5).
+        patch_token_id: Id of ``<|patch|>`` in the tokenizer: image features replace the embeddings of these
+            tokens. ``-1`` until linked from the tokenizer.
+        projector_init_scale: Multiplies the standard deviation of the projector's initial weights (an
+            initialisation setting only: no forward pass and no Hugging Face export depends on it). With the
+            default 1 a fresh tower's features are several times smaller than the token embeddings they
+            replace, so a model trained from scratch learns to use the image late; a larger value starts
+            them nearer the embeddings' scale.
+    """
+
+    image_size: int = 32
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    pixel_shuffle_ratio: float = 0.5
+    projector_input_dim: int = 128
+    projector_output_dim: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    patch_token_id: int = -1
+    projector_init_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"VisionConfig: {msg}")
+
+        for key in (
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "projector_input_dim",
+            "projector_output_dim",
+        ):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}")
+        need(
+            self.image_size % self.patch_size == 0,
+            f"patch_size={self.patch_size} must divide image_size={self.image_size}",
+        )
+        need(
+            self.hidden_size % self.num_heads == 0,
+            f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}",
+        )
+        need(
+            self.head_dim % 4 == 0,
+            f"the head width hidden_size / num_heads = {self.head_dim} must be a multiple of 4 (the 2-D "
+            "RoPE rotates pairs, half of them along x and half along y)",
+        )
+        r = self.pixel_shuffle_ratio
+        s = round(1 / r) if r > 0 else 0
+        need(
+            0 < r <= 1 and s >= 1 and abs(s * r - 1) < 1e-9,
+            f"pixel_shuffle_ratio must be 1/s for a whole number s >= 1 (0.5 merges 2x2 patches), got {r}",
+        )
+        side = self.image_size // self.patch_size
+        need(
+            side % s == 0,
+            f"pixel_shuffle_ratio={r} merges {s}x{s} blocks of patches, but a tile has {side}x{side} "
+            f"patches (image_size {self.image_size} / patch_size {self.patch_size}); choose sizes that "
+            f"make {side} a multiple of {s}",
+        )
+        need(
+            self.intermediate_size == self.shuffled_dim,
+            f"intermediate_size={self.intermediate_size} must equal hidden_size / pixel_shuffle_ratio**2 = "
+            f"{self.hidden_size} * {s * s} = {self.shuffled_dim}: the adapter reads the pixel-shuffled "
+            "features with that width (Llama 4 ties the two)",
+        )
+        need(
+            self.projector_input_dim == self.projector_output_dim,
+            f"projector_input_dim={self.projector_input_dim} must equal projector_output_dim="
+            f"{self.projector_output_dim}: Llama 4's adapter has a square second layer",
+        )
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
+        need(
+            self.projector_init_scale > 0,
+            f"projector_init_scale must be positive, got {self.projector_init_scale}",
+        )
+        need(
+            self.patch_token_id >= -1,
+            f"patch_token_id must be a token id or -1 (not linked yet), got {self.patch_token_id}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per tile (the class token not counted)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def shuffled_dim(self) -> int:
+        """Width of one token after the pixel shuffle: ``hidden_size / pixel_shuffle_ratio ** 2``."""
+        return self.hidden_size * round(1 / self.pixel_shuffle_ratio) ** 2
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """``<|patch|>`` placeholders (= image features) per tile: ``num_patches * pixel_shuffle_ratio ** 2``."""
+        return self.num_patches // round(1 / self.pixel_shuffle_ratio) ** 2
+
+
+@dataclass
 class ModelConfig:
     """Shape and flavour of the decoder-only transformer.
 
@@ -70,6 +205,9 @@ class ModelConfig:
             * attn_scale + 1`` (Llama 4), sharpening attention far into long contexts.
         attn_floor_scale: Temperature tuning: positions per step of the logarithm.
         attn_scale: Temperature tuning: strength.
+        vision: The vision tower (Llama 4 early fusion: image features replace the embeddings of the
+            ``<|patch|>`` tokens); ``None`` for a text-only model. A dict is turned into a
+            :class:`VisionConfig`.
     """
 
     name: str = "custom"
@@ -113,11 +251,22 @@ class ModelConfig:
     attn_temperature_tuning: bool = False
     attn_floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"ModelConfig({self.name!r}): {msg}")
+
+        if isinstance(self.vision, dict):  # from YAML, a checkpoint's to_dict(), or model_overrides
+            known = {f.name for f in dataclasses.fields(VisionConfig)}
+            unknown = sorted(set(self.vision) - known)
+            need(not unknown, f"unknown vision fields {unknown}; known fields: {sorted(known)}")
+            self.vision = VisionConfig(**self.vision)
+        need(
+            self.vision is None or isinstance(self.vision, VisionConfig),
+            f"vision must be a VisionConfig, a dict of its fields or None, got {type(self.vision).__name__}",
+        )
 
         for key in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
             need(int(getattr(self, key)) > 0, f"{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -179,6 +328,12 @@ class ModelConfig:
             value = getattr(self, key)
             need(value is None or value > 0, f"{key} must be positive or None, got {value!r}")
         need(self.attn_floor_scale > 0, f"attn_floor_scale must be positive, got {self.attn_floor_scale}")
+        if self.vision is not None:
+            need(
+                self.vision.patch_token_id < self.vocab_size,
+                f"vision.patch_token_id={self.vision.patch_token_id} is outside the vocabulary "
+                f"(vocab_size={self.vocab_size}); link it from the tokenizer's <|patch|> id",
+            )
 
     # ---------------------------------------------------------------------------------------- layer kinds
     def is_moe_layer(self, layer_idx: int) -> bool:
@@ -207,6 +362,9 @@ class ModelConfig:
                 f"unknown model preset {name!r}; available presets: {', '.join(sorted(PRESETS))}"
             )
         values = {**PRESETS[name], **overrides}
+        preset_vision, vision = PRESETS[name].get("vision"), overrides.get("vision")
+        if isinstance(preset_vision, dict) and isinstance(vision, dict):
+            values["vision"] = {**preset_vision, **vision}  # override single vision fields
         values.setdefault("name", name)
         return cls(**values)
 
@@ -300,11 +458,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_norm=True,
         attn_floor_scale=64.0,
     ),
-    # Llama-4-Scout-17B-16E text model: 16 experts on every layer, 17B active / 108B total parameters
-    # (the published 109B includes the vision encoder and projector, which this backbone does not build).
+    # Llama 4 in miniature with eyes: the text part of "llama4-tiny" (chunks of 128 positions, so that an
+    # image and its question share a chunk) and a 2-layer vision tower on 48-pixel tiles of 8-pixel patches
+    # (36 patches, 9 <|patch|> tokens per tile after the 2x2 pixel shuffle). Trains on CPU.
+    "llama4-vision-tiny": dict(
+        _LLAMA4_FLAVOUR,
+        vocab_size=512,
+        block_size=256,
+        n_layer=4,
+        n_embd=128,
+        n_head=4,
+        n_kv_head=2,
+        intermediate_size=352,
+        rope_theta=500000.0,
+        moe_n_expert=4,
+        moe_intermediate_size=176,
+        nope_every=4,
+        attention_chunk_size=128,
+        qk_norm=True,
+        attn_floor_scale=64.0,
+        vision=dict(
+            image_size=48,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            projector_input_dim=128,
+            projector_output_dim=128,
+        ),
+    ),
+    # Llama-4-Scout-17B-16E: 16 experts on every layer, 17B active / 109B total parameters, of which the
+    # vision tower + projector (the published vision_config: 34 layers of width 1408 on 336-pixel tiles of
+    # 14-pixel patches, 144 <|patch|> tokens per tile; <|patch|> is id 200092) hold 0.87B.
     "llama4-scout": dict(
         _LLAMA4_TEXT,
         **_LLAMA4_FLAVOUR,
+        vision=dict(
+            image_size=336,
+            patch_size=14,
+            hidden_size=1408,
+            intermediate_size=5632,
+            num_layers=34,
+            num_heads=16,
+            pixel_shuffle_ratio=0.5,
+            projector_input_dim=4096,
+            projector_output_dim=4096,
+            rope_theta=10000.0,
+            patch_token_id=200092,
+        ),
         block_size=10485760,
         moe_n_expert=16,
         moe_every=1,

@@ -116,10 +116,15 @@ class Generation:
 
 
 def _next_token_logits(
-    model: Transformer, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache
+    model: Transformer,
+    idx: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    cache,
+    images: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits ``(B, V)`` for the token after ``idx``: the head runs on the last position only."""
-    return model.lm_head(model.hidden(idx, positions, mask, cache)[:, -1])
+    return model.lm_head(model.hidden(idx, positions, mask, cache, images)[:, -1])
 
 
 _compiled_steps: dict[str, Callable] = {}
@@ -209,8 +214,13 @@ def _decode(
     generator: torch.Generator | None,
     use_cache: bool,
     compile: bool | str = False,
+    images: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(token (B,), was_live (B,), ids_so_far, valid_so_far)`` after each new token."""
+    """Yield ``(token (B,), was_live (B,), ids_so_far, valid_so_far)`` after each new token.
+
+    ``images`` enter the prefill only: their features sit in the KV cache from then on (without a cache,
+    every step recomputes the whole sequence, images included).
+    """
     _check_compile(model, compile, use_cache)
     check_sampling(temperature, top_k, top_p)
     compile, frozen = bool(compile), compile == "frozen"
@@ -243,7 +253,7 @@ def _decode(
         # prefill, eager: it runs once per call and its shape changes with the prompt length
         n_visible = cache.visible if compile else None
         logits = _next_token_logits(
-            model, ids[:, :P], positions[:, :P], padding_mask(valid, 0, P, n_visible), cache
+            model, ids[:, :P], positions[:, :P], padding_mask(valid, 0, P, n_visible), cache, images
         )
         if compile:
             cache.index = torch.zeros(1, dtype=torch.long, device=device)  # one slot per step from now on
@@ -262,7 +272,12 @@ def _decode(
                 return
             if cache is None:  # recompute the whole sequence
                 logits = _next_token_logits(
-                    model, ids[:, : t + 1], positions[:, : t + 1], padding_mask(valid, 0, t + 1), None
+                    model,
+                    ids[:, : t + 1],
+                    positions[:, : t + 1],
+                    padding_mask(valid, 0, t + 1),
+                    None,
+                    images,
                 )
                 continue
             if compile:
@@ -288,6 +303,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     compile: bool | str = False,
+    images: torch.Tensor | None = None,
 ) -> Generation:
     """Continue a batch of prompts (token lists of any lengths).
 
@@ -308,6 +324,8 @@ def generate(
             ``"frozen"`` also freezes the weights into the compiled code (meant for bfloat16 on CPU; see
             benchmarks/BENCHMARKS.md for when it pays); the model's parameters must have
             ``requires_grad=False``, and changes to them are not seen later.
+        images: Image tiles ``(n_tiles, C, S, S)`` for a model with a vision tower: their features replace
+            the ``<|patch|>`` tokens of the prompts (row 0's tiles first), in the prefill only.
     """
     P = max(len(p) for p in prompts) if prompts else 0
     steps = _decode(
@@ -322,6 +340,7 @@ def generate(
         generator,
         use_cache,
         compile,
+        images,
     )
     last = deque(steps, maxlen=1)  # run the decoder to the end, keep its final state
     if not last:  # max_new_tokens == 0
@@ -342,11 +361,23 @@ def stream(
     stop_tokens: Sequence[int] = (),
     generator: torch.Generator | None = None,
     compile: bool | str = False,
+    images: torch.Tensor | None = None,
 ) -> Iterator[int]:
-    """Yield the new tokens of one prompt as they are decoded (the stop token included); ``compile`` as in
-    :func:`generate`."""
+    """Yield the new tokens of one prompt as they are decoded (the stop token included); ``compile`` and
+    ``images`` as in :func:`generate`."""
     for tok, was_live, _, _ in _decode(
-        model, [prompt], max_new_tokens, temperature, top_k, top_p, stop_tokens, 0, generator, True, compile
+        model,
+        [prompt],
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        stop_tokens,
+        0,
+        generator,
+        True,
+        compile,
+        images,
     ):
         if bool(was_live[0]):
             yield int(tok[0])

@@ -1,4 +1,4 @@
-"""The decoder-only transformer: embeddings -> blocks -> final norm -> lm_head.
+"""The decoder-only transformer: embeddings (+ image features fused at ``<|patch|>``) -> blocks -> norm -> lm_head.
 
 Pure ``torch.nn``: no loss, no optimizer, no logging. Stages compute losses from the logits (or from the
 final hidden states, for reward and value heads).
@@ -19,6 +19,7 @@ from lit_llm.backbone.mlp import GeluMLP, SwiGLU
 from lit_llm.backbone.moe import Experts, MoE
 from lit_llm.backbone.norm import build_norm
 from lit_llm.backbone.rope import inv_frequencies, rope_cos_sin
+from lit_llm.backbone.vision import VisionTower
 
 
 class Block(nn.Module):
@@ -70,6 +71,8 @@ class Transformer(nn.Module):
         self.has_local_layers = any(config.is_local_layer(i) for i in range(config.n_layer))
         self.norm = build_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Llama 4 early fusion: the vision tower's features replace the embeddings of <|patch|> tokens
+        self.vision = VisionTower(config.vision, config.n_embd) if config.vision is not None else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer(
@@ -90,6 +93,8 @@ class Transformer(nn.Module):
         """Normal(0, init_std) weights, zero biases; residual output projections scaled by 1/sqrt(2 L)."""
         std = self.config.init_std
         for name, module in self.named_modules():
+            if name.startswith("vision."):
+                continue  # the tower initialises itself (below)
             if isinstance(module, nn.Linear):
                 scale = (
                     1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1
@@ -101,6 +106,8 @@ class Transformer(nn.Module):
                 module.reset_parameters(std, std / math.sqrt(2 * self.config.n_layer))
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
+        if self.vision is not None:
+            self.vision.reset_parameters(std)
         self._reset_rope()
 
     def _reset_rope(self) -> None:
@@ -145,6 +152,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states ``(B, T, C)`` for token ids ``idx`` ``(B, T)``.
 
@@ -156,6 +164,14 @@ class Transformer(nn.Module):
                 keys plus the new ones. Defaults to causal attention. Local layers (chunked / sliding-window
                 attention) further restrict it by comparing ``positions`` of queries and keys.
             cache: KV cache to read and extend (its length advances by ``T``).
+            images: Image tiles ``(n_tiles, C, S, S)``, float, normalised (mean and std 0.5), for a model
+                with a vision tower. Their features (``config.vision.tokens_per_tile`` per tile) replace the
+                embeddings at the ``<|patch|>`` positions of ``idx`` in order: row 0 first, left to right
+                (the tiles of all rows, concatenated in that order).
+
+        Raises:
+            ValueError: ``images`` given to a text-only model, images of the wrong shape, or a count of
+                ``<|patch|>`` tokens that differs from the count of image features (both named).
         """
         B, T = idx.shape
         if cache is not None and cache.static and (positions is None or attn_mask is None):
@@ -171,6 +187,8 @@ class Transformer(nn.Module):
         if self.pos_embed is not None and int(positions.max()) >= self.config.block_size:
             raise ValueError(f"position {int(positions.max())} exceeds block_size={self.config.block_size}")
         x = self.embed_tokens(idx)  # (B, T, C)
+        if images is not None:
+            x = self._fuse_images(idx, x, images)
         rope = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
@@ -184,6 +202,31 @@ class Transformer(nn.Module):
         if cache is not None and not cache.static:
             cache.advance(T)
         return self.norm(x)
+
+    def _fuse_images(self, idx: torch.Tensor, x: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """``x`` with the vision tower's features written over the ``<|patch|>`` embeddings, in order."""
+        if self.vision is None:
+            raise ValueError(
+                "this model is text-only (config.vision is None): it cannot take images; use a model built "
+                "with a vision config (e.g. the llama4-vision-tiny preset)"
+            )
+        patch_id = self.config.vision.patch_token_id
+        if patch_id < 0:
+            raise ValueError(
+                "config.vision.patch_token_id is not set (-1): link it from the tokenizer's <|patch|> id"
+            )
+        self.vision.check_images(images)
+        is_patch = idx == patch_id
+        n_tokens, per_tile = int(is_patch.sum()), self.config.vision.tokens_per_tile
+        if n_tokens != images.shape[0] * per_tile:  # checked before the tower runs
+            raise ValueError(
+                f"the tokens hold {n_tokens} <|patch|> placeholders but the images give "
+                f"{images.shape[0] * per_tile} features ({images.shape[0]} tiles x {per_tile} per tile); "
+                "each tile needs exactly tokens_per_tile placeholders"
+            )
+        features = self.vision(images)  # (n_tiles * tokens_per_tile, C)
+        # True positions are filled in row-major order (row 0 first, left to right), as Hugging Face does
+        return x.masked_scatter(is_patch[..., None], features.to(x.dtype))
 
     def _local_mask(
         self, positions: torch.Tensor, attn_mask: torch.Tensor | None, cache: KVCache | None
@@ -203,9 +246,10 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)``; arguments as in :meth:`hidden`."""
-        return self.lm_head(self.hidden(idx, positions, attn_mask, cache))
+        return self.lm_head(self.hidden(idx, positions, attn_mask, cache, images))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -218,8 +262,11 @@ def count_active_parameters(model: nn.Module) -> int:
 
     Every MoE layer contributes its router, its shared expert and ``top_k`` of its ``E`` routed experts.
     Embedding and output head count in full (as in the published "active parameter" figures of Llama 4).
+    The vision tower does not count: it runs once per image tile, not per token (the published 17B active
+    parameters of Llama 4 exclude it too).
     """
-    inactive = 0
+    vision = getattr(model, "vision", None)
+    inactive = count_parameters(vision) if isinstance(vision, nn.Module) else 0
     for m in model.modules():
         if isinstance(m, MoE):
             per_expert = (m.experts.gate_up_proj.numel() + m.experts.down_proj.numel()) // m.n_expert

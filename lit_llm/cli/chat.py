@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lit_llm.cli.common import COMPILE, add_sampling_args, check_sampling_args, stream_text
+from lit_llm.cli.common import (
+    COMPILE,
+    add_image_args,
+    add_sampling_args,
+    check_sampling_args,
+    load_image_input,
+    stream_text,
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -20,6 +27,7 @@ def main(argv: Sequence[str]) -> None:
     )
     p.add_argument("--system", default=None, help="optional system prompt")
     add_sampling_args(p, max_new_tokens=128)
+    add_image_args(p)
     a = p.parse_args(argv)
     import torch
 
@@ -34,6 +42,10 @@ def main(argv: Sequence[str]) -> None:
             f"error: --max_new_tokens {a.max_new_tokens} leaves no room in the model's context "
             f"(block_size {model.config.block_size})"
         )
+    images, placeholders = None, []
+    if a.image is not None:  # the image goes with the first user message, after its text
+        images, placeholder = load_image_input(a.image, model, tok, a.max_tiles, a.ckpt)
+        placeholders = [placeholder]
     gen = torch.Generator().manual_seed(a.seed)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -54,14 +66,34 @@ def main(argv: Sequence[str]) -> None:
             continue
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line.rstrip("\n")})
-        ids = tok.render_chat(history, add_generation_prompt=True)[0]
+        text = line.rstrip("\n")
+        first_user = images is not None and not any(m["role"] == "user" for m in history)
+        history.append(
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": text}, {"type": "image"}] if first_user else text,
+            }
+        )
+        ids = tok.render_chat(history, add_generation_prompt=True, images=placeholders)[0]
+        if images is not None and len(ids) > budget:  # cutting the start would cut the image
+            sys.stdout.write("(the conversation with its image no longer fits the context: /reset)\n")
+            history.pop()
+            continue
         ids = ids[-budget:]  # forget the oldest turns when the conversation outgrows the context
         sys.stdout.write("assistant> ")
         stops = [tok.end_id, tok.eos_id]
         try:
             tokens = stream(
-                model, ids, a.max_new_tokens, a.temperature, a.top_k, a.top_p, stops, gen, COMPILE[a.compile]
+                model,
+                ids,
+                a.max_new_tokens,
+                a.temperature,
+                a.top_k,
+                a.top_p,
+                stops,
+                gen,
+                COMPILE[a.compile],
+                images=images,
             )
             reply = stream_text(tok, tokens)
         except KeyboardInterrupt:

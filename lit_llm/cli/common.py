@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
-from typing import TextIO
+from typing import Any, TextIO
 
 from lit_llm.backbone.generate import check_sampling
 from lit_llm.errors import UserError
@@ -43,6 +43,41 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
         help="torch.compile the decode step: the first call compiles (tens of seconds), so it pays off for "
         "long outputs; 'frozen' also bakes the weights into the compiled code (a CPU option)",
     )
+
+
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    """``--image`` (and its tiling) for a model with a vision tower."""
+    p.add_argument(
+        "--image",
+        default=None,
+        help="an image file (PNG, JPEG, ...) the model sees after the prompt text; needs a vision checkpoint",
+    )
+    p.add_argument(
+        "--max_tiles",
+        type=positive_int,
+        default=1,
+        help="most tiles the image is cut into (plus a global tile)",
+    )
+
+
+def load_image_input(
+    path: str, model: Any, tok: Tokenizer, max_tiles: int, ckpt: str
+) -> tuple[Any, list[int]]:
+    """The normalised tiles of the image at ``path`` and their placeholder ids, for ``model``.
+
+    Raises:
+        UserError: For a text-only checkpoint, a tokenizer without image tokens, or an unreadable image.
+    """
+    from lit_llm.data.images import ImageProcessor, load_image
+
+    vision = model.config.vision
+    if vision is None:
+        raise UserError(f"{ckpt} is a text-only model (no vision tower): it cannot take --image")
+    if tok.image_token_ids() is None:
+        raise UserError(f"{ckpt}: its tokenizer has no image tokens, so it cannot take --image")
+    tiles, grid = ImageProcessor(vision.image_size, max_tiles)(load_image(path))
+    tiles = tiles.to(model.embed_tokens.weight.dtype)  # bfloat16 with --precision bf16 / int8
+    return tiles, tok.image_placeholder(grid, vision.tokens_per_tile)
 
 
 def check_sampling_args(a: argparse.Namespace) -> None:

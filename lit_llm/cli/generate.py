@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lit_llm.cli.common import COMPILE, add_sampling_args, check_sampling_args, stream_text
+from lit_llm.cli.common import (
+    COMPILE,
+    add_image_args,
+    add_sampling_args,
+    check_sampling_args,
+    load_image_input,
+    stream_text,
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -21,6 +28,7 @@ def main(argv: Sequence[str]) -> None:
         "--chat", action="store_true", help="wrap the prompt in the chat template (SFT/PPO models)"
     )
     add_sampling_args(p, max_new_tokens=64)
+    add_image_args(p)
     a = p.parse_args(argv)
     import torch
 
@@ -29,7 +37,16 @@ def main(argv: Sequence[str]) -> None:
 
     check_sampling_args(a)
     model, tok, _ = load_for_inference(a.ckpt, a.precision, CHAT_STAGES if a.chat else GENERATIVE_STAGES)
-    ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
+    images = None
+    if a.image is not None:  # the image's placeholders follow the prompt text (as the image world trains)
+        images, placeholder = load_image_input(a.image, model, tok, a.max_tiles, a.ckpt)
+        content = [{"type": "text", "text": a.prompt}, {"type": "image"}]
+        if a.chat:
+            ids = tok.render_chat([{"role": "user", "content": content}], True, images=[placeholder])[0]
+        else:
+            ids = tok.encode(a.prompt) + placeholder
+    else:
+        ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens")
     gen = torch.Generator().manual_seed(a.seed)
@@ -44,6 +61,7 @@ def main(argv: Sequence[str]) -> None:
         [tok.end_id, tok.eos_id],
         gen,
         COMPILE[a.compile],
+        images=images,
     )
     stream_text(tok, tokens)
     sys.stdout.write("\n")

@@ -114,10 +114,12 @@ is composed with lit_llm/cli/base.yaml, see it with --print_config):
   lit-llm fit --config configs/ppo/tinyworld.yaml          RLHF with PPO against the reward model
   lit-llm fit --config configs/grpo/tinyworld.yaml         GRPO against tinyworld's verifier
   lit-llm fit --config configs/dpo/tinyworld.yaml          DPO on preference pairs
+  lit-llm fit --config configs/vision/shapes.yaml          images (Llama 4 early fusion) from scratch
   lit-llm validate|test --config ... --ckpt_path CKPT      evaluate a checkpoint
 Helpers (each has --help):
   lit-llm generate --ckpt CKPT --prompt TEXT               continue a prompt
   lit-llm chat --ckpt CKPT                                 multi-turn chat in the terminal
+  lit-llm generate|chat ... --image PATH                   ask a vision model about an image
   lit-llm pipeline [--fast] [--align ppo|grpo|dpo|all]     the whole chain on tinyworld + a summary
   lit-llm export --ckpt CKPT --out DIR                     a Hugging Face folder (safetensors)
 """
