@@ -44,7 +44,7 @@ import torch
 from lit_llm.backbone.config import ModelConfig
 from lit_llm.backbone.rope import inv_frequencies
 from lit_llm.errors import UserError
-from lit_llm.hf import _permute_rows, _rope_permutation
+from lit_llm.hf import _llama4_only, _llama_blockers, _permute_rows, _rope_permutation
 
 if TYPE_CHECKING:
     from lit_llm.backbone.model import Transformer
@@ -76,30 +76,6 @@ _GPT2_FLAVOUR = (
 
 
 # ------------------------------------------------------------------------------------------ architecture
-def _llama_blockers(config: ModelConfig) -> list[str]:
-    bad = []
-    for field, want in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("pos", "rope")):
-        if getattr(config, field) != want:
-            bad.append(f"{field}={getattr(config, field)!r}")
-    if config.bias:
-        bad.append("bias=True")
-    return bad
-
-
-def _llama4_features(config: ModelConfig) -> list[str]:
-    """Fields a plain ``llama`` GGUF cannot express but a ``llama4`` one may."""
-    bad = []
-    if config.moe_n_expert > 0:
-        bad.append(f"moe_n_expert={config.moe_n_expert}")
-    if config.nope_every > 0:
-        bad.append(f"nope_every={config.nope_every}")
-    if config.attention_chunk_size is not None:
-        bad.append(f"attention_chunk_size={config.attention_chunk_size}")
-    if config.qk_norm:
-        bad.append("qk_norm=True")
-    return bad
-
-
 def _llama4_blockers(config: ModelConfig) -> list[str]:
     bad = []
     if config.moe_n_expert == 0:
@@ -144,9 +120,9 @@ def gguf_arch(config: ModelConfig, arch: GGUFArch = "auto") -> Literal["llama", 
             "rmsnorm, mlp swiglu, no bias) to export"
         )
     if arch == "auto":
-        arch = "llama4" if _llama4_features(config) else "llama"
+        arch = "llama4" if _llama4_only(config) else "llama"
     if arch == "llama":
-        bad = _llama4_features(config)
+        bad = _llama4_only(config)
         if config.sliding_window is not None:
             bad.append(f"sliding_window={config.sliding_window}")
         hint = (

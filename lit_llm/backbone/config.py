@@ -413,6 +413,25 @@ _LLAMA4_TEXT: dict[str, Any] = dict(
     tie_embeddings=False,
 )
 
+_LLAMA4_TINY: dict[str, Any] = dict(
+    _LLAMA4_FLAVOUR,
+    vocab_size=512,
+    block_size=256,
+    n_layer=4,
+    n_embd=128,
+    n_head=4,
+    n_kv_head=2,
+    intermediate_size=352,
+    rope_theta=500000.0,
+    moe_n_expert=4,
+    moe_intermediate_size=176,
+    nope_every=4,
+    attention_chunk_size=64,
+    qk_norm=True,
+    attn_floor_scale=64.0,
+)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # about 1M parameters with a 512-token BPE vocabulary: the CPU default, trains in minutes.
     "tiny": dict(vocab_size=512, block_size=256, n_layer=4, n_embd=128, n_head=4, n_kv_head=2),
@@ -441,42 +460,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Llama 4 in miniature (about 1.6M parameters, 1.0M active per token, like "tiny"): 4 routed experts
     # (top-1, sigmoid) plus a shared one on every layer, RoPE layers with chunked attention and QK-norm, one
     # global NoPE layer with temperature tuning. Trains on CPU.
-    "llama4-tiny": dict(
-        _LLAMA4_FLAVOUR,
-        vocab_size=512,
-        block_size=256,
-        n_layer=4,
-        n_embd=128,
-        n_head=4,
-        n_kv_head=2,
-        intermediate_size=352,
-        rope_theta=500000.0,
-        moe_n_expert=4,
-        moe_intermediate_size=176,
-        nope_every=4,
-        attention_chunk_size=64,
-        qk_norm=True,
-        attn_floor_scale=64.0,
-    ),
+    "llama4-tiny": dict(_LLAMA4_TINY),
     # Llama 4 in miniature with eyes: the text part of "llama4-tiny" (chunks of 128 positions, so that an
     # image and its question share a chunk) and a 2-layer vision tower on 48-pixel tiles of 8-pixel patches
     # (36 patches, 9 <|patch|> tokens per tile after the 2x2 pixel shuffle). Trains on CPU.
     "llama4-vision-tiny": dict(
-        _LLAMA4_FLAVOUR,
-        vocab_size=512,
-        block_size=256,
-        n_layer=4,
-        n_embd=128,
-        n_head=4,
-        n_kv_head=2,
-        intermediate_size=352,
-        rope_theta=500000.0,
-        moe_n_expert=4,
-        moe_intermediate_size=176,
-        nope_every=4,
+        _LLAMA4_TINY,
         attention_chunk_size=128,
-        qk_norm=True,
-        attn_floor_scale=64.0,
         vision=dict(
             image_size=48,
             patch_size=8,
