@@ -222,7 +222,7 @@ def test_stale_temp_files_removed_and_truncated_cache_refused(tmp_path):
     dm = TextDataModule(str(path), **kw)
     dm.cache.mkdir(parents=True)
     dead = dm.cache / f".train.bin.999999999@{os.uname().nodename}.tmp"  # a killed process's leftover
-    other = dm.cache / ".train.bin.1@another-node.tmp"  # another machine's, on a shared folder
+    other = dm.cache / ".train.bin.999999999@another-node.tmp"  # another machine's, on a shared folder
     dead.write_bytes(b"half")
     other.write_bytes(b"half")
     dm.prepare_data()
