@@ -36,6 +36,18 @@ EXPECTED = {
         {"strategy": "ddp"},
     ),
     "pretrain/tiny-fsdp.yaml": ("pretrain-fsdp", "pretrain-fsdp", [LR, THROUGHPUT], {"accelerator": "gpu"}),
+    "pretrain/corpus.yaml": (
+        "pretrain-corpus",
+        "pretrain-corpus",
+        [LR, (SAMPLES, 1000), THROUGHPUT],
+        {"max_steps": 20000, "limit_val_batches": 50},
+    ),
+    "pretrain/corpus-litdata.yaml": (
+        "pretrain-chunks",
+        "pretrain-chunks",
+        [LR, THROUGHPUT],
+        {"max_steps": 20000},
+    ),
     "sft/tinyworld.yaml": ("sft", "sft", [LR, (SAMPLES, 0)], {"max_steps": 300}),
     "sft/alpaca-seed.yaml": ("sft-alpaca", "sft-alpaca", [LR, (SAMPLES, 0)], {"val_check_interval": 50}),
     "reward/tinyworld.yaml": ("reward", "reward", [LR], {"max_steps": 200}),
