@@ -19,6 +19,8 @@ from lit_llm.data.text import TextDataModule
 from lit_llm.errors import DataError
 from lit_llm.tokenizer import Tokenizer
 
+from .conftest import QUIET, ROOT
+
 WORDS = "the cat sat on a mat , while Alice  counted 42 apples ; über naïve 東京 don't it's".split(" ")
 SPACES = [" ", " ", " ", "\n", "\n\n", "\r\n", " \n", "\n ", "\t", "  ", "\n\n\n", "\u00a0", "\u3000"]
 
@@ -108,6 +110,8 @@ def test_val_docs_holds_out_a_fixed_number_of_documents(tmp_path):
     tok = dm.tokenizer
     assert tok.decode(val.tolist()) == "".join(docs[-3:]) and int((val == tok.eos_id).sum()) == 3
     assert int((train == tok.eos_id).sum()) == 47
+    dm.setup()
+    assert dm.sample_prompts() == ["document number 47 is", "document number 48 is"]  # from val tokens
     with pytest.raises(DataError, match="cannot hold out 50 for validation"):
         TextDataModule(str(path), text_field="body", val_docs=50, cache_dir=str(tmp_path)).prepare_data()
 
@@ -275,3 +279,28 @@ def test_vocabulary_over_uint16_is_stored_as_uint32(tmp_path):
     assert train.dtype == np.uint32 and int(train.max()) > 65_535
     assert dm.tokenizer.decode(train.tolist(), skip_special=False).startswith("a<w69990>b")
     assert stream.token_dtype(65_536) == "uint16" and stream.token_dtype(65_537) == "uint32"
+
+
+def test_corpus_config_trains_from_a_folder(tmp_path, monkeypatch):
+    from lit_llm.cli import main
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for f in range(3):
+        (folder / f"{f}.txt").write_text(messy_text(400, seed=f))
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/pretrain/corpus.yaml"),
+            *QUIET,
+            *("--data.source", str(folder), "--data.val_docs", "1", "--data.seq_len", "32"),
+            *("--data.tokenizer_vocab_size", "300", "--data.batch_size", "2", "--trainer.max_steps", "2"),
+            *("--trainer.limit_val_batches", "1", "--trainer.precision", "32-true", "--model.preset", "tiny"),
+            *("--model.model_overrides", "{n_layer: 1, n_embd: 32, n_head: 2, n_kv_head: 1}"),
+        ]
+    )
+    assert (tmp_path / "checkpoints/pretrain-corpus/last.ckpt").exists()
+    (cache,) = (tmp_path / "data_cache").iterdir()
+    assert json.loads((cache / "meta.json").read_text())["stats"]["files"] == 3
