@@ -12,7 +12,6 @@ after both token files are complete, so an interrupted prepare is never mistaken
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,8 +88,9 @@ class TextDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         tokenizer_sample_chars: A new tokenizer is trained on at most this many characters of training
             text, sampled evenly across the corpus (all of it when the corpus is smaller).
-        num_proc: Worker processes that tokenize the corpus (``0``: in this process); by default one per
-            CPU core (at most 8) for corpora over 32M characters, else 0.
+        num_proc: Worker processes that tokenize the corpus; ``0`` tokenizes in this process, where the
+            ``tokenizers`` library spreads each batch over all cores (on 2 cores that measured 1.3x faster
+            than 2 worker processes, ``benchmarks/BENCHMARKS.md``).
         on_decode_error: A byte that is not UTF-8: ``fail`` (the error names the file and byte offset) or
             ``replace`` (U+FFFD instead, counted in the log and ``meta.json``).
     """
@@ -111,7 +111,7 @@ class TextDataModule(LightningDataModule):
         num_workers: int = 0,
         val_docs: int | None = None,
         tokenizer_sample_chars: int = 20_000_000,
-        num_proc: int | None = None,
+        num_proc: int = 0,
         on_decode_error: DecodeErrors = "fail",
     ) -> None:
         super().__init__()
@@ -255,8 +255,6 @@ class TextDataModule(LightningDataModule):
             labelled = split.label(self._corpus().pieces(CorpusStats()))
             n_docs = stats.documents
             num_proc = self.num_proc
-            if num_proc is None:
-                num_proc = min(os.cpu_count() or 1, 8) if stats.chars > 32_000_000 else 0
         files = {s: TokenFile(self.cache / f"{s}.bin") for s in ("train", "val")}
         progress = Progress(n_docs)
         try:
