@@ -6,13 +6,15 @@ A corpus is one file, a folder (searched recursively) or a glob of ``.txt`` / ``
 file is cut into pieces of about ``piece_chars`` characters, each cut placed just before a newline that is
 followed by a non-space character. The byte-level BPE pre-tokenizer (GPT-2's split rule) and the character
 tokenizer never join text across such a point, so the pieces tokenize exactly as the whole file would.
-A document is a record or a whole text file; ``<|eos|>`` follows each document.
+A document is a record or a whole text file; ``<|eos|>`` follows each document. (A tokenizer with another
+pre-tokenizer, passed in by the user, may differ from whole-file tokenization at a cut.)
 
 :func:`prepare_tokens` makes two passes. The first reads the corpus without tokenizing it: it counts the
 documents and characters (for the validation split) and keeps a sample for tokenizer training, spread evenly
-over the corpus and bounded in size (:class:`SpreadSample`). The second tokenizes batches of pieces in worker
-processes (at most a few batches in flight, so memory stays flat whatever the corpus size) and appends the
-ids to ``train.bin`` / ``val.bin``, written to temporary files and renamed into place only when complete.
+over the corpus and bounded in size (:class:`SpreadSample`). The second tokenizes batches of pieces, in this
+process (the ``tokenizers`` library spreads a batch over the cores) or in worker processes (at most a few
+batches in flight), so memory stays flat whatever the corpus size, and appends the ids to ``train.bin`` /
+``val.bin``, written to temporary files and renamed into place only when complete.
 """
 
 from __future__ import annotations
