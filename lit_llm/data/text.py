@@ -12,6 +12,7 @@ after both token files are complete, so an interrupted prepare is never mistaken
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,7 +152,9 @@ class TextDataModule(LightningDataModule):
             *([extra] if extra else []),
         )
         slug = BUILTIN if is_builtin(source) else Path(source).stem
-        self.cache = Path(cache_dir) / f"{slug.replace(':', '_')}-{key}"
+        # a glob's or hf: name's special characters make no folder name (other names are kept as they were)
+        slug = re.sub(r"[*?:\[\]]+", "_", slug)
+        self.cache = Path(cache_dir) / f"{slug}-{key}"
         self._tokenizer: Tokenizer | None = None
         self.train_set: PackedDataset | None = None
         self.val_set: PackedDataset | None = None
