@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/prep-bench", help="scratch folder (deleted at the end)")
     parser.add_argument("--in_memory_max_mb", type=int, default=100, help="largest corpus for in-memory")
     parser.add_argument("--compare_max_mb", type=int, default=100, help="largest corpus for all methods")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -207,9 +208,9 @@ def main() -> None:
                     f"tokenizer ({args.vocab}) trained on a 20M-character sample in {time.perf_counter() - t:.0f}s"
                 )
             outs = {}
-            for method in METHODS:
+            for method in args.methods:
                 if (method == "in-memory" and mb > args.in_memory_max_mb) or (
-                    method != "stream" and mb > args.compare_max_mb
+                    not method.startswith("stream") and mb > args.compare_max_mb
                 ):
                     continue
                 out = work / f"{method}-{mb}"
@@ -222,13 +223,12 @@ def main() -> None:
                 m: [np.fromfile(next(o.rglob(f"{s}.bin")), dtype=np.uint16) for s in ("train", "val")]
                 for m, o in outs.items()
             }
-            same = {
-                m: all(np.array_equal(a, b) for a, b in zip(f, files["stream"])) for m, f in files.items()
-            }
-            print(f"{mb} MB: same tokens as stream: {same}", flush=True)
+            last = args.methods[-1]
+            same = {m: all(np.array_equal(a, b) for a, b in zip(f, files[last])) for m, f in files.items()}
+            print(f"{mb} MB: same tokens as {last}: {same}", flush=True)
             del files
-            if mb == max(args.sizes):  # the stream method's cache is a finished one: train from it
-                seconds = first_step_seconds(corpus, tokenizer, outs["stream"])
+            if mb == max(args.sizes) and last.startswith("stream"):  # a finished cache: train from it
+                seconds = first_step_seconds(corpus, tokenizer, outs[last])
                 print(f"first training step on the prepared {mb} MB corpus after {seconds:.1f}s", flush=True)
             for out in outs.values():
                 shutil.rmtree(out, ignore_errors=True)

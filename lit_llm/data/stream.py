@@ -25,11 +25,14 @@ import contextlib
 import errno
 import glob
 import gzip
+import itertools
 import json
 import lzma
 import multiprocessing
 import os
+import queue
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -385,17 +388,14 @@ def encode_pieces(
     """Token ids of the pieces, concatenated (``<|eos|>`` after each piece that ends a document), and
     each piece's number of ids."""
     tok = tok or _WORKER_TOKENIZER
-    encs = tok.encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + end for e, end in zip(encs, ends)), dtype=np.int64, count=len(ends))
-    out = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for e, end in zip(encs, ends):
-        k = len(e.ids)
-        out[pos : pos + k] = e.ids
-        pos += k
-        if end:
-            out[pos] = eos_id
-            pos += 1
+    eos = [eos_id]
+    # each Encoding's ids are read once (every .ids access builds a new Python list)
+    ids = [
+        e.ids + eos if end else e.ids
+        for e, end in zip(tok.encode_batch(texts, add_special_tokens=False), ends)
+    ]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    out = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
     return out, lengths
 
 
@@ -480,13 +480,49 @@ def _batches(
         yield texts, ends, splits
 
 
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """``items``, produced ahead by a background thread (at most ``depth`` waiting): reading and parsing the
+    corpus overlaps with tokenizing, which releases the GIL. The thread's errors are raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop, errors = object(), threading.Event(), []
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            errors.append(err)
+        q.put(done)
+
+    thread = threading.Thread(target=produce, name="corpus-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            yield item
+    finally:
+        stop.set()  # the consumer stopped (finished, failed or interrupted): let the reader end
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.1)
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def tokenize_to_files(
     labelled: Iterator[tuple[str, bool, str]],
     tokenizer: HFTokenizer,
     eos_id: int,
     files: dict[str, TokenFile],
     num_proc: int = 0,
-    batch_chars: int = 1 << 20,
+    batch_chars: int = 1 << 22,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Tokenize labelled pieces in order and append each piece's ids to ``files[split]``.
@@ -513,15 +549,22 @@ def tokenize_to_files(
         if progress:
             progress(sum(ends), len(ids))
 
-    if num_proc <= 0:
-        for texts, ends, splits in _batches(labelled, batch_chars):
-            write(*encode_pieces(texts, ends, eos_id, dtype, tokenizer), ends, splits)
-        return
+    with contextlib.closing(prefetch(_batches(labelled, batch_chars))) as batches:  # closed on errors too
+        if num_proc <= 0:
+            for texts, ends, splits in batches:
+                write(*encode_pieces(texts, ends, eos_id, dtype, tokenizer), ends, splits)
+        else:
+            _tokenize_in_workers(batches, tokenizer, eos_id, dtype, num_proc, write)
+
+
+def _tokenize_in_workers(
+    batches: Iterator, tokenizer: HFTokenizer, eos_id: int, dtype: str, num_proc: int, write: Callable
+) -> None:
     # spawn, not fork: the parent may hold threads (torch, tokenizers) that a forked child would inherit
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),)) as pool:
         pending: deque = deque()
-        for texts, ends, splits in _batches(labelled, batch_chars):
+        for texts, ends, splits in batches:
             pending.append((pool.apply_async(encode_pieces, (texts, ends, eos_id, dtype)), ends, splits))
             if len(pending) >= 2 * num_proc:  # bounded: a slow writer never lets batches pile up
                 job, e, s = pending.popleft()
