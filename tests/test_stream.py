@@ -304,3 +304,21 @@ def test_corpus_config_trains_from_a_folder(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints/pretrain-corpus/last.ckpt").exists()
     (cache,) = (tmp_path / "data_cache").iterdir()
     assert json.loads((cache / "meta.json").read_text())["stats"]["files"] == 3
+
+
+def test_prefetch_keeps_order_raises_reader_errors_and_stops_early():
+    import threading
+
+    def reader():
+        yield from range(5)
+        raise DataError("bad byte at offset 7")
+
+    got = []
+    with pytest.raises(DataError, match="offset 7"):
+        for item in stream.prefetch(reader()):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    endless = stream.prefetch(iter(range(10**9)))
+    assert next(endless) == 0
+    endless.close()  # the consumer stops early (an error while writing): the reader thread ends too
+    assert not any(t.name == "corpus-reader" for t in threading.enumerate())
