@@ -37,6 +37,18 @@ EXPECTED = {
         {"strategy": "ddp"},
     ),
     "pretrain/tiny-fsdp.yaml": ("pretrain-fsdp", "pretrain-fsdp", [LR, THROUGHPUT], {"accelerator": "gpu"}),
+    "pretrain/corpus.yaml": (
+        "pretrain-corpus",
+        "pretrain-corpus",
+        [LR, (SAMPLES, 1000), THROUGHPUT],
+        {"max_steps": 20000, "limit_val_batches": 50},
+    ),
+    "pretrain/corpus-litdata.yaml": (
+        "pretrain-chunks",
+        "pretrain-chunks",
+        [LR, THROUGHPUT],
+        {"max_steps": 20000},
+    ),
     "sft/tinyworld.yaml": ("sft", "sft", [LR, (SAMPLES, 0)], {"max_steps": 300}),
     "sft/tinyworld-lora.yaml": ("sft-lora", "sft-lora", [LR, (SAMPLES, 0)], {"max_steps": 300}),
     "vision/shapes.yaml": ("vision", "vision", [LR, VISION_SAMPLES, THROUGHPUT], {"val_check_interval": 400}),

@@ -3,24 +3,43 @@
 The corpus is tokenized once and cached as flat token files (``train.bin``/``val.bin``, memory-mapped),
 next to the tokenizer that made them. Training examples are consecutive, non-overlapping windows of
 ``seq_len + 1`` tokens of the stream (documents joined with ``<|eos|>``): inputs and next-token targets.
+
+Files and ``hf:`` datasets are streamed (:mod:`lit_llm.data.stream`): memory stays flat whatever the corpus
+size, the tokenizer is trained on a bounded sample spread over the corpus, and ``meta.json`` is written only
+after both token files are complete, so an interrupted prepare is never mistaken for a finished one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from lit_llm.atomic import atomic_save, atomic_write
+from lit_llm.atomic import atomic_write
 from lit_llm.checkpoint import load_tokenizer
 from lit_llm.data import tinyworld
 from lit_llm.data.base import BUILTIN, is_builtin
-from lit_llm.data.common import file_stamp, fingerprint, read_records, read_text_file, split_train_val
+from lit_llm.data.common import file_stamp, fingerprint
+from lit_llm.data.stream import (
+    Corpus,
+    CorpusStats,
+    DecodeErrors,
+    Progress,
+    Split,
+    SpreadSample,
+    TokenFile,
+    corpus_stamp,
+    remove_stale_temp_files,
+    token_dtype,
+    tokenize_to_files,
+)
 from lit_llm.errors import DataError
 from lit_llm.tokenizer import Tokenizer
 
@@ -49,20 +68,32 @@ class TextDataModule(LightningDataModule):
     """Tokenized, cached, packed text for next-token pretraining.
 
     Args:
-        source: ``tinyworld`` (built in), a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file (``.gz`` allowed), or
-            ``hf:<dataset>[:<config>]`` (needs network the first time).
+        source: ``tinyworld`` (built in); a local ``.txt``/``.jsonl``/``.json``/``.parquet`` file (``.gz``, ``.bz2``,
+            ``.xz`` allowed), a folder of them (recursive) or a glob (``'corpus/*.jsonl.gz'``); or
+            ``hf:<dataset>[:<config>]`` (streamed; needs network).
         tokenizer: An existing tokenizer (``tokenizer.json``, a folder or a lit_llm ``.ckpt``); when unset a
             new one is trained on the training text and cached.
         tokenizer_kind: ``bpe`` (byte-level BPE) or ``char`` (one token per character).
         tokenizer_vocab_size: Target vocabulary size when training a BPE tokenizer.
         seq_len: Tokens per training sequence (the model's context during training).
         batch_size: Sequences per batch (per device).
-        val_fraction: Share of the text held out for validation (the end of a single text file).
-        text_field: Field holding the text in ``.jsonl``/``.parquet``/Hugging Face records.
+        val_fraction: Share held out for validation: the last documents (records, files), or the end of the
+            text of a one-document corpus (a single text file).
+        val_docs: Hold out exactly this many documents (the last ones) instead of ``val_fraction``: the
+            way to keep validation small and fixed on a large corpus.
+        text_field: Field holding the text in ``.jsonl``/``.parquet``/Hugging Face records (records without
+            it are skipped and counted; none having it is an error).
         tinyworld_docs: Number of generated tinyworld documents for training.
         seed: Seed of the tinyworld generator.
         cache_dir: Where tokenizers and token files are cached.
         num_workers: DataLoader worker processes.
+        tokenizer_sample_chars: A new tokenizer is trained on at most this many characters of training
+            text, sampled evenly across the corpus (all of it when the corpus is smaller).
+        num_proc: Worker processes that tokenize the corpus; ``0`` tokenizes in this process, where the
+            ``tokenizers`` library spreads each batch over all cores (on 2 cores that measured 1.3x faster
+            than 2 worker processes, ``benchmarks/BENCHMARKS.md``).
+        on_decode_error: A byte that is not UTF-8: ``fail`` (the error names the file and byte offset) or
+            ``replace`` (U+FFFD instead, counted in the log and ``meta.json``).
     """
 
     def __init__(
@@ -79,6 +110,10 @@ class TextDataModule(LightningDataModule):
         seed: int = 0,
         cache_dir: str = "data_cache",
         num_workers: int = 0,
+        val_docs: int | None = None,
+        tokenizer_sample_chars: int = 20_000_000,
+        num_proc: int = 0,
+        on_decode_error: DecodeErrors = "fail",
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -88,9 +123,25 @@ class TextDataModule(LightningDataModule):
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
         self.text_field, self.tinyworld_docs, self.seed = text_field, tinyworld_docs, seed
         self.num_workers = num_workers
+        if val_docs is not None and val_docs < 1:
+            raise DataError(f"val_docs must be at least 1 (or unset to use val_fraction), got {val_docs}")
+        if on_decode_error not in ("fail", "replace"):
+            raise DataError(f"on_decode_error must be 'fail' or 'replace', got {on_decode_error!r}")
+        self.val_docs, self.tokenizer_sample_chars = val_docs, tokenizer_sample_chars
+        self.num_proc, self.on_decode_error = num_proc, on_decode_error
+        # options added with streaming enter the key only when set, so caches made before stay valid
+        extra = {
+            k: v
+            for k, v, default in (
+                ("val_docs", val_docs, None),
+                ("tokenizer_sample_chars", tokenizer_sample_chars, 20_000_000),
+                ("on_decode_error", on_decode_error, "fail"),
+            )
+            if v != default
+        }
         key = fingerprint(
             source,
-            file_stamp(source),
+            file_stamp(source) if Path(source).is_file() or is_builtin(source) else corpus_stamp(source),
             tokenizer,
             tokenizer_kind,
             tokenizer_vocab_size,
@@ -98,32 +149,48 @@ class TextDataModule(LightningDataModule):
             text_field,
             tinyworld_docs,
             seed,
+            *([extra] if extra else []),
         )
         slug = BUILTIN if is_builtin(source) else Path(source).stem
-        self.cache = Path(cache_dir) / f"{slug.replace(':', '_')}-{key}"
+        # a glob's or hf: name's special characters make no folder name (other names are kept as they were)
+        slug = re.sub(r"[*?:\[\]]+", "_", slug)
+        self.cache = Path(cache_dir) / f"{slug}-{key}"
         self._tokenizer: Tokenizer | None = None
         self.train_set: PackedDataset | None = None
         self.val_set: PackedDataset | None = None
+        self._scanned: tuple[CorpusStats, Split, list[str]] | None = None
 
     # ------------------------------------------------------------------------------------------ corpus
-    def _texts(self) -> tuple[list[str], list[str]]:
-        """(train documents, validation documents)."""
-        if is_builtin(self.source):
-            world = tinyworld.WorldConfig(seed=self.seed)
-            n_val = max(1, int(self.tinyworld_docs * self.val_fraction))
-            return (
-                tinyworld.pretrain_text(self.tinyworld_docs, "train", world),
-                tinyworld.pretrain_text(n_val, "val", world),
-            )
-        if self.source.endswith((".txt", ".txt.gz")):
-            text = read_text_file(Path(self.source))
-            cut = int(len(text) * (1 - self.val_fraction))
-            return [text[:cut]], [text[cut:]]
-        records = read_records(self.source)
-        docs = [r[self.text_field] for r in records if isinstance(r.get(self.text_field), str)]
-        if not docs:
-            raise DataError(f"{self.source}: no records with a string field {self.text_field!r}")
-        return split_train_val(docs, self.val_fraction, self.source, "documents")
+    def _tinyworld(self) -> tuple[list[str], list[str]]:
+        """(train documents, validation documents) of the built-in world (generated in memory: it is small)."""
+        world = tinyworld.WorldConfig(seed=self.seed)
+        n_val = max(1, int(self.tinyworld_docs * self.val_fraction))
+        return (
+            tinyworld.pretrain_text(self.tinyworld_docs, "train", world),
+            tinyworld.pretrain_text(n_val, "val", world),
+        )
+
+    def _corpus(self) -> Corpus:
+        return Corpus(self.source, self.text_field, self.on_decode_error)
+
+    def _scan(self) -> tuple[CorpusStats, Split, list[str]]:
+        """The first pass over a file/``hf:`` corpus (no tokenizing): its counts, its train/validation split
+        and a bounded sample of its training text for the tokenizer, spread over the whole corpus."""
+        if self._scanned is None:
+            stats, sample = CorpusStats(), SpreadSample(self.tokenizer_sample_chars)
+            for text, ends in self._corpus().pieces(stats):  # stats already count this piece
+                sample.add(text, (stats.documents - ends, stats.chars - len(text)))
+            split = Split.of(stats, self.source, self.val_fraction, self.val_docs)
+            train: list[str] = []
+            for _, (doc, start), text in sample.kept:  # the tokenizer sees training text only
+                if split.char_cut is not None:
+                    if start < split.char_cut:
+                        train.append(text[: split.char_cut - start])
+                elif doc < split.n_docs - split.val_docs:
+                    train.append(text)
+            rank_zero_info(f"{self.source}: {stats.summary()}")
+            self._scanned = stats, split, train
+        return self._scanned
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -135,17 +202,30 @@ class TextDataModule(LightningDataModule):
             elif path.exists():
                 self._tokenizer = Tokenizer.load(path)
             else:
-                train, _ = self._texts()
-                self._tokenizer = Tokenizer.train(train, self.tokenizer_kind, self.tokenizer_vocab_size)
+                sample = self._tinyworld()[0] if is_builtin(self.source) else self._scan()[2]
+                self._tokenizer = Tokenizer.train(sample, self.tokenizer_kind, self.tokenizer_vocab_size)
                 self._tokenizer.save(path)
         return self._tokenizer
 
     def sample_prompts(self) -> list[str]:
-        """Texts the sample callback continues: tinyworld's, or the first words of two validation documents."""
+        """Texts the sample callback continues: tinyworld's, or the first words of two validation documents
+        (read back from the prepared validation tokens)."""
         if is_builtin(self.source):
             return list(tinyworld.SAMPLE_PROMPTS)
-        _, val = self._texts()
-        return [" ".join(doc.split()[:4]) for doc in val[:2] if doc.strip()]
+        if self.val_set is None:
+            return []
+        tokens, tok = self.val_set.tokens, self.tokenizer
+        prompts, start = [], 0
+        while len(prompts) < 2 and start < len(tokens):
+            head = np.asarray(tokens[start : start + 4096])
+            ends = np.flatnonzero(head == tok.eos_id)
+            words = tok.decode(head[: ends[0] if len(ends) else len(head)].tolist()).split()[:4]
+            if words:
+                prompts.append(" ".join(words))
+            if not len(ends):
+                break
+            start += int(ends[0]) + 1
+        return prompts
 
     @property
     def vocab_size(self) -> int:
@@ -153,33 +233,73 @@ class TextDataModule(LightningDataModule):
         return self.tokenizer.vocab_size
 
     def prepare_data(self) -> None:
-        """Train the tokenizer if missing and tokenize the corpus once into ``train.bin``/``val.bin``."""
+        """Train the tokenizer if missing and tokenize the corpus once into ``train.bin``/``val.bin``.
+
+        Both files are written to temporary files and renamed into place when complete; ``meta.json`` is
+        written last and marks the cache as finished. Lightning calls this on one process per node.
+        """
         meta_path = self.cache / "meta.json"
         if meta_path.exists():
             return
         tok = self.tokenizer
         self.cache.mkdir(parents=True, exist_ok=True)
-        dtype = np.uint16 if tok.vocab_size <= np.iinfo(np.uint16).max else np.uint32
-        meta = {"source": self.source, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size}
-        for split, docs in zip(("train", "val"), self._texts()):
-            ids: list[int] = []
-            for enc in tok.encode_batch(docs):
-                ids.extend(enc)
-                ids.append(tok.eos_id)
-            if len(ids) <= self.seq_len:
-                raise DataError(
-                    f"the {split} split of {self.source} has {len(ids)} tokens, fewer than one sequence of "
-                    f"seq_len + 1 = {self.seq_len + 1}; use more data or a shorter seq_len"
-                )
-            arr = np.asarray(ids, dtype=dtype)
-            atomic_save(arr, self.cache / f"{split}.bin", lambda a, f: f.write(a.tobytes()))
-            meta[f"{split}_tokens"] = len(arr)
+        remove_stale_temp_files(self.cache)
+        meta: dict[str, Any] = {
+            "source": self.source,
+            "dtype": token_dtype(tok.vocab_size),
+            "vocab_size": tok.vocab_size,
+        }
+        if is_builtin(self.source):
+            train, val = self._tinyworld()
+            labelled = ((d, True, s) for s, docs in (("train", train), ("val", val)) for d in docs)
+            n_docs, num_proc = len(train) + len(val), 0
+        else:
+            stats, split, _ = self._scan()
+            labelled = split.label(self._corpus().pieces(CorpusStats()))
+            n_docs = stats.documents
+            num_proc = self.num_proc
+        files = {s: TokenFile(self.cache / f"{s}.bin") for s in ("train", "val")}
+        progress = Progress(n_docs)
+        try:
+            tokenize_to_files(labelled, tok.tok, tok.eos_id, files, num_proc, progress=progress)
+            for split_name, f in files.items():
+                if f.tokens <= self.seq_len:
+                    raise DataError(
+                        f"the {split_name} split of {self.source} has {f.tokens} tokens, fewer than one "
+                        f"sequence of seq_len + 1 = {self.seq_len + 1}; use more data or a shorter seq_len"
+                    )
+            for f in files.values():
+                f.publish()
+        except BaseException:
+            for f in files.values():
+                f.discard()
+            raise
+        finally:
+            progress.close()
+        for split_name, f in files.items():
+            meta[f"{split_name}_tokens"] = f.tokens
+        if not is_builtin(self.source):
+            meta.update(documents=n_docs, stats=self._scan()[0].__dict__)
         atomic_write(meta_path, json.dumps(meta, indent=2))
 
     def setup(self, stage: str | None = None) -> None:
-        meta = json.loads((self.cache / "meta.json").read_text())
+        meta_path = self.cache / "meta.json"
+        if not meta_path.exists():
+            raise DataError(
+                f"the token cache {self.cache} is not prepared (no meta.json): prepare_data() must finish "
+                "first. Lightning runs it on local rank 0 of each node before setup; a prepare that was "
+                "interrupted left no cache, so run again (it starts over)"
+            )
+        meta = json.loads(meta_path.read_text())
         for split in ("train", "val"):
-            tokens = np.memmap(self.cache / f"{split}.bin", dtype=meta["dtype"], mode="r")
+            path = self.cache / f"{split}.bin"
+            size = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+            if not path.exists() or path.stat().st_size != size:
+                raise DataError(
+                    f"the token cache {self.cache} is incomplete ({path.name} should hold {size:,} bytes); "
+                    "delete the folder and prepare again"
+                )
+            tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
             ds = PackedDataset(tokens, self.seq_len)
             if len(ds) == 0:
                 raise DataError(f"the {split} split has {len(tokens)} tokens, fewer than seq_len + 1")
