@@ -146,7 +146,8 @@ def _load_adapter(
     if source is None or not Path(source).exists():
         raise CheckpointError(
             f"{path} holds LoRA adapters for the base {named} (sha256 {want[:12]}...), which is not there: "
-            "put it back, or pass the path of a checkpoint with the same weights (base=...)"
+            "put it back, or pass the path of a checkpoint with the same weights (`--base PATH` to generate / "
+            "chat, `base=` in Python)"
         )
     model, _, _ = load_backbone(source)
     got = base_fingerprint(model)

@@ -294,7 +294,7 @@ def test_train_modules_are_stored_and_loaded(pretrain_ckpt, tmp_path):
     assert {k for k in saved if k.endswith(".weight")} == tied
 
 
-def test_adapter_checkpoint_refuses_another_base(lora_run, sft_ckpt, tmp_path):
+def test_adapter_checkpoint_refuses_another_base(lora_run, sft_ckpt, pretrain_ckpt, tmp_path, capsys):
     with pytest.raises(
         CheckpointError, match="other weights.*adapters only fit the model they were trained on"
     ):
@@ -304,8 +304,16 @@ def test_adapter_checkpoint_refuses_another_base(lora_run, sft_ckpt, tmp_path):
     ckpt = torch.load(lora_run / "last.ckpt", weights_only=True)
     ckpt["lit_llm"]["lora"]["base"]["path"] = str(tmp_path / "gone.ckpt")
     torch.save(ckpt, moved)
-    with pytest.raises(CheckpointError, match=r"gone.ckpt .*not there.*base="):
+    with pytest.raises(CheckpointError, match=r"gone.ckpt .*not there.*--base PATH"):
         load_backbone(moved)
+    # ... and `generate --base` points at it: the same tokens as the adapters on their recorded base
+    from lit_llm.cli import main
+
+    prompt = ["generate", "--prompt", "Alice is in the garden.", "--max_new_tokens", "8"]
+    main([*prompt, "--ckpt", str(lora_run / "last.ckpt")])
+    want = capsys.readouterr().out
+    main([*prompt, "--ckpt", str(moved), "--base", str(pretrain_ckpt)])
+    assert capsys.readouterr().out == want and want.strip()
 
 
 def test_resume_refuses_another_base(pretrain_ckpt, sft_ckpt, tmp_path):

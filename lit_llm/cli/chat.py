@@ -35,7 +35,7 @@ def main(argv: Sequence[str]) -> None:
     from lit_llm.checkpoint import CHAT_STAGES, load_for_inference
 
     check_sampling_args(a)
-    model, tok, meta = load_for_inference(a.ckpt, a.precision, CHAT_STAGES)
+    model, tok, meta = load_for_inference(a.ckpt, a.precision, CHAT_STAGES, base=a.base)
     budget = model.config.block_size - a.max_new_tokens
     if budget < 1:
         raise SystemExit(

@@ -30,6 +30,12 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of sampling")
     p.add_argument(
+        "--base",
+        default=None,
+        help="for a LoRA adapter checkpoint: its base checkpoint, when it is no longer where the adapter "
+        "checkpoint says (its weights must still be the same; checked by hash)",
+    )
+    p.add_argument(
         "--precision",
         choices=["32", "bf16", "int8"],
         default="32",

@@ -36,7 +36,9 @@ def main(argv: Sequence[str]) -> None:
     from lit_llm.checkpoint import CHAT_STAGES, GENERATIVE_STAGES, load_for_inference
 
     check_sampling_args(a)
-    model, tok, _ = load_for_inference(a.ckpt, a.precision, CHAT_STAGES if a.chat else GENERATIVE_STAGES)
+    model, tok, _ = load_for_inference(
+        a.ckpt, a.precision, CHAT_STAGES if a.chat else GENERATIVE_STAGES, base=a.base
+    )
     images = None
     if a.image is not None:  # the image's placeholders follow the prompt text (as the image world trains)
         images, placeholder = load_image_input(a.image, model, tok, a.max_tiles, a.ckpt)
