@@ -40,81 +40,70 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-@pytest.fixture(scope="session")
-def pretrain_ckpt(tmp_path_factory):
-    """A quickly pretrained tiny tinyworld model (one layer, 30 steps), shared by the stage tests."""
+def fit_in(work, config: str, *args: str) -> None:
+    """``lit-llm fit --config configs/<config>`` quietly, run in ``work`` (its ``checkpoints/`` go there)."""
     import os
 
     from lit_llm.cli import main
 
-    work = tmp_path_factory.mktemp("pretrain")
+    work.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / "configs/pretrain/tiny.yaml"),
-                *QUIET,
-                "--trainer.max_steps",
-                "30",
-                "--trainer.val_check_interval",
-                "30",
-                "--trainer.limit_val_batches",
-                "2",
-                "--trainer.precision",
-                "32-true",
-                "--data.tinyworld_docs",
-                "600",
-                "--data.seq_len",
-                "128",
-                "--model.model_overrides",
-                "{n_layer: 1, n_embd: 64, n_head: 2, n_kv_head: 1}",
-            ]
-        )
+        main(["fit", "--config", str(ROOT / "configs" / config), *QUIET, *args])
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def pretrain_ckpt(tmp_path_factory):
+    """A quickly pretrained tiny tinyworld model (one layer, 30 steps), shared by the stage tests."""
+    work = tmp_path_factory.mktemp("pretrain")
+    fit_in(
+        work,
+        "pretrain/tiny.yaml",
+        "--trainer.max_steps",
+        "30",
+        "--trainer.val_check_interval",
+        "30",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.precision",
+        "32-true",
+        "--data.tinyworld_docs",
+        "600",
+        "--data.seq_len",
+        "128",
+        "--model.model_overrides",
+        "{n_layer: 1, n_embd: 64, n_head: 2, n_kv_head: 1}",
+    )
     return work / "checkpoints/pretrain/last.ckpt"
 
 
 @pytest.fixture(scope="session")
 def sft_ckpt(pretrain_ckpt, tmp_path_factory):
     """A quick SFT of ``pretrain_ckpt`` on tinyworld (shared by the reward and PPO tests)."""
-    import os
-
-    from lit_llm.cli import main
-
     work = tmp_path_factory.mktemp("sft")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / "configs/sft/tinyworld.yaml"),
-                *QUIET,
-                "--model.init_from",
-                str(pretrain_ckpt),
-                "--trainer.max_steps",
-                "40",
-                "--trainer.val_check_interval",
-                "20",
-                "--trainer.precision",
-                "32-true",
-                "--data.tinyworld_train",
-                "640",
-                "--data.tinyworld_val",
-                "64",
-                "--data.tinyworld_eval",
-                "16",
-                "--model.learning_rate",
-                "0.003",
-            ]
-        )
-    finally:
-        os.chdir(cwd)
+    fit_in(
+        work,
+        "sft/tinyworld.yaml",
+        "--model.init_from",
+        str(pretrain_ckpt),
+        "--trainer.max_steps",
+        "40",
+        "--trainer.val_check_interval",
+        "20",
+        "--trainer.precision",
+        "32-true",
+        "--data.tinyworld_train",
+        "640",
+        "--data.tinyworld_val",
+        "64",
+        "--data.tinyworld_eval",
+        "16",
+        "--model.learning_rate",
+        "0.003",
+    )
     return work / "checkpoints/sft/last.ckpt"
 
 

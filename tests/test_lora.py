@@ -29,7 +29,7 @@ from lit_llm.lora import (
     unmerge_lora,
 )
 
-from .conftest import QUIET, ROOT
+from .conftest import ROOT, fit_in
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97)
@@ -207,45 +207,33 @@ def test_peft_adapter_gives_our_logits_on_the_exported_base(name, tmp_path):
 
 # ------------------------------------------------------------------------------------------- the stages
 def _fit_sft(pretrain_ckpt: Path, work: Path, *extra: str, steps: int = 6) -> Path:
-    from lit_llm.cli import main
-
-    cwd = os.getcwd()
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)
-    try:
-        main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / "configs/sft/tinyworld-lora.yaml"),
-                *QUIET,
-                "--model.init_from",
-                str(pretrain_ckpt),
-                "--model.lora.rank",
-                "4",
-                "--model.lora.dropout",
-                "0.1",
-                "--model.lora.train_modules",
-                "[]",
-                "--trainer.max_steps",
-                str(steps),
-                "--trainer.val_check_interval",
-                "3",
-                "--trainer.limit_val_batches",
-                "1",
-                "--trainer.precision",
-                "32-true",
-                "--data.tinyworld_train",
-                "320",
-                "--data.tinyworld_val",
-                "32",
-                "--data.tinyworld_eval",
-                "4",
-                *extra,
-            ]
-        )
-    finally:
-        os.chdir(cwd)
+    fit_in(
+        work,
+        "sft/tinyworld-lora.yaml",
+        "--model.init_from",
+        str(pretrain_ckpt),
+        "--model.lora.rank",
+        "4",
+        "--model.lora.dropout",
+        "0.1",
+        "--model.lora.train_modules",
+        "[]",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--data.tinyworld_train",
+        "320",
+        "--data.tinyworld_val",
+        "32",
+        "--data.tinyworld_eval",
+        "4",
+        *extra,
+    )
     return work / "checkpoints/sft-lora"
 
 

@@ -23,6 +23,8 @@ from lit_llm.errors import DataError
 from lit_llm.losses import IGNORE_INDEX
 from lit_llm.tokenizer import IMAGE_TOKENS, Tokenizer
 
+from .conftest import fit_in
+
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
@@ -420,41 +422,25 @@ def test_sample_grid_draws_every_sample():
 @pytest.fixture(scope="module")
 def vision_run(tmp_path_factory):
     """The shipped vision config, shrunk: a few steps on a tiny model, with its TensorBoard log."""
-    import os
-
-    from lit_llm.cli import main
-
     work = tmp_path_factory.mktemp("vision")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        main(
-            [
-                "fit",
-                "--config",
-                str(Path(__file__).resolve().parents[1] / "configs/vision/shapes.yaml"),
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.enable_model_summary",
-                "false",
-                "--trainer.max_steps",
-                "4",
-                "--trainer.val_check_interval",
-                "4",
-                "--trainer.precision",
-                "32-true",
-                "--data.shapes_train",
-                "64",
-                "--data.shapes_val",
-                "16",
-                "--data.batch_size",
-                "8",
-                "--model.model_overrides",
-                "{n_layer: 1, moe_n_expert: 0, vision: {num_layers: 1, image_size: 32, projector_init_scale: 32.0}}",
-            ]
-        )
-    finally:
-        os.chdir(cwd)
+    fit_in(
+        work,
+        "vision/shapes.yaml",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.precision",
+        "32-true",
+        "--data.shapes_train",
+        "64",
+        "--data.shapes_val",
+        "16",
+        "--data.batch_size",
+        "8",
+        "--model.model_overrides",
+        "{n_layer: 1, moe_n_expert: 0, vision: {num_layers: 1, image_size: 32, projector_init_scale: 32.0}}",
+    )
     return work
 
 
