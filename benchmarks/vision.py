@@ -10,9 +10,9 @@ image world (never seen in training or validation):
 * the same model with the images shuffled across the batch (row i gets row i+1's image): if the answers come
   from the image, this falls to about the baseline.
 
-Then the cost of one training step (forward, backward, AdamW) on a training batch: tokens/s, and the share
-of the step spent in the vision tower (its forward + backward alone on the same tiles, timed in the same
-loop, alternating). Medians of ``--reps``.
+Then the cost of one training step (forward, backward, and the optimizer the checkpoint was trained with:
+AdamW or Muon) on a training batch: tokens/s, and the share of the step spent in the vision tower (its
+forward + backward alone on the same tiles, timed in the same loop, alternating). Medians of ``--reps``.
 
     OMP_NUM_THREADS=1 python benchmarks/vision.py --train --workdir /tmp/vision-bench
     OMP_NUM_THREADS=1 python benchmarks/vision.py --ckpt checkpoints/vision/last.ckpt
@@ -34,6 +34,7 @@ from lit_llm.checkpoint import load_backbone
 from lit_llm.data import images as world
 from lit_llm.data.vision import VisionDataModule, collate_images
 from lit_llm.losses import masked_lm_loss
+from lit_llm.optim import build_optimizer
 from lit_llm.stages.sft import exact_rows, shuffle_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,13 +82,15 @@ def evaluate(model, dm: VisionDataModule, n: int, batch_size: int) -> dict[str, 
     return out
 
 
-def step_cost(model, dm: VisionDataModule, batch_size: int, reps: int) -> tuple[float, float, float]:
-    """(tokens/s of a training step, its seconds, the vision tower's share of it)."""
+def step_cost(
+    model, dm: VisionDataModule, batch_size: int, reps: int, optimizer: str = "adamw"
+) -> tuple[float, float, float]:
+    """(tokens/s of a training step with the run's ``optimizer``, its seconds, the vision tower's share)."""
     dm.batch_size = batch_size
     examples = dm.tokenize(dm.shapes_items("train", batch_size), "train")
     b = collate_images(examples, dm.tokenizer.pad_id)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model, optimizer, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95))
     full, tower = [], []
     for _ in range(reps + 1):  # the first of each is a warm-up
         t0 = time.perf_counter()
@@ -135,9 +138,12 @@ def main() -> None:
             print(f"| {t} | {n} | {r / n:.1%} | {s / n:.1%} | {m / n:.1%} |")
     r, s, m, n = tot
     print(f"| all | {n} | {r / n:.1%} | {s / n:.1%} | {m / n:.1%} |")
-    tps, step, share = step_cost(model, dm, a.batch_size, a.reps)
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    optimizer = hparams.get("optimizer", "adamw")
+    tps, step, share = step_cost(model, dm, a.batch_size, a.reps, optimizer)
     print(
-        f"training step (batch {a.batch_size}, {torch.get_num_threads()} thread(s)): {step * 1000:.0f} ms, "
+        f"training step ({optimizer}, batch {a.batch_size}, {torch.get_num_threads()} thread(s)): "
+        f"{step * 1000:.0f} ms, "
         f"{tps:.0f} tokens/s; vision tower forward+backward alone: {share:.0%} of the step"
     )
 

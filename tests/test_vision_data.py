@@ -191,6 +191,21 @@ def cell_colors(image: Image.Image, config: world.ShapesConfig) -> list[str | No
     return out
 
 
+def cell_shapes(image: Image.Image, config: world.ShapesConfig) -> list[str | None]:
+    """The shape in each cell read from the pixels: a filled top-left corner is a square, a filled left
+    middle a circle, else a triangle (``None``: background)."""
+    bg, m, out = image.getpixel((0, 0)), max(1, config.cell // 8), []
+    for cell in range(config.grid**2):
+        y, x = (cell // config.grid) * config.cell, (cell % config.grid) * config.cell
+        if image.getpixel((x + config.cell // 2, y + config.cell * 3 // 4)) == bg:
+            out.append(None)
+        elif image.getpixel((x + m + 1, y + m + 1)) != bg:
+            out.append("square")
+        else:
+            out.append("circle" if image.getpixel((x + m + 1, y + config.cell // 2)) != bg else "triangle")
+    return out
+
+
 def test_world_answers_are_true_to_the_pixels():
     config = world.ShapesConfig()
     names = world.position_names(config.grid)
@@ -214,6 +229,18 @@ def test_world_answers_are_true_to_the_pixels():
         elif q.startswith("Is there a "):
             color, shape = q[len("Is there a ") : -1].split()
             assert a == ("yes" if any((col, s) == (color, shape) for _, col, s in shapes) else "no")
+
+
+def test_captions_name_every_cell_in_reading_order():
+    config = world.ShapesConfig(grid=2, cell=16, max_shapes=4, question_types=("describe",))
+    names = world.position_names(2)
+    for r in world.questions(50, "train", config):
+        colors = cell_colors(r["image"], config)
+        parts = r["answer"].split(". ")
+        assert [p[: len(n)] for p, n in zip(parts, names)] == names and len(parts) == 4
+        for part, name, color, shape in zip(parts, names, colors, cell_shapes(r["image"], config)):
+            # "<place> empty" where the pixels show no shape, else "<place> <colour> <shape>"
+            assert part[len(name) + 1 :] == (f"{color} {shape}" if color else "empty")
 
 
 def test_world_is_seeded_streamed_and_split_by_scene():

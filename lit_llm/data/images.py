@@ -28,8 +28,9 @@ shapes on a ``grid x grid`` board, drawn with Pillow, and questions whose answer
 * ``count``: "How many shapes are there?" / "How many blue shapes are there?" -> "3";
 * ``position``: "Where is the red square?" (asked when there is one) -> "bottom right";
 * ``presence``: "Is there a green triangle?" -> "yes" / "no" (half and half);
-* ``describe`` (only when asked for in ``question_types``): "Describe the board." -> "red circle top left.
-  blue square center" (every shape, row by row): a caption, a dense training signal for the vision tower.
+* ``describe`` (only when asked for in ``question_types``): "Describe the board." -> "top left red circle.
+  top right empty. ..." (every cell in reading order, empty ones too): a caption, a dense training signal
+  for the vision tower.
 
 A question never contains its answer, and the reply is the bare answer. As in tinyworld, each scene belongs
 to exactly one split (``train`` 80%, ``val`` 10%, ``test`` 10%) by the CRC32 of its description, each
@@ -317,7 +318,12 @@ def _question(
         s = rng.choice(scene)
         return f"What color is the shape in the {names[s.cell]}?", s.color
     if qtype == "describe":
-        return "Describe the board.", ". ".join(f"{s.color} {s.shape} {names[s.cell]}" for s in scene)
+        # every cell in reading order, empty ones too: each word of the caption is read from a fixed cell
+        # (a fixed <|patch|> token), the easiest dense signal for the tower to learn colour and shape from
+        at = {s.cell: f"{s.color} {s.shape}" for s in scene}
+        return "Describe the board.", ". ".join(
+            f"{names[c]} {at.get(c, 'empty')}" for c in range(config.grid**2)
+        )
     if qtype == "count":
         if rng.random() < 0.5:
             return "How many shapes are there?", str(len(scene))

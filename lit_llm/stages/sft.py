@@ -87,8 +87,10 @@ class SFTModule(Stage):
         logits = self.forward_batch(batch)  # (B, T, V)
         loss, acc = masked_lm_loss(logits, batch["labels"])
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step)
-        self.log(f"{stage}/token_acc", acc, on_step=on_step, on_epoch=not on_step)
+        # the batch holds lists (question types, answers) beside tensors: name its size for epoch means
+        n = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=n)
+        self.log(f"{stage}/token_acc", acc, on_step=on_step, on_epoch=not on_step, batch_size=n)
         if stage != "train" and "qtypes" in batch:
             self.count_exact(batch, logits)
         return loss
