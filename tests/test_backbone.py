@@ -28,6 +28,20 @@ def test_config_errors_are_clear():
         tiny(norm="batchnorm")
 
 
+def test_text_values_from_the_command_line_are_read_or_named():
+    # `--model.model_overrides.n_head 2` can reach the config as text: read as the field's type ...
+    cfg = ModelConfig.from_name(
+        "llama4-vision-tiny", n_head="2", qk_norm="false", vision={"projector_init_scale": "2.5"}
+    )
+    assert (cfg.n_head, cfg.head_dim, cfg.qk_norm, cfg.vision.projector_init_scale) == (2, 64, False, 2.5)
+    assert type(cfg.n_head) is int and type(cfg.vision.projector_init_scale) is float
+    # ... or refused naming the field, not a TypeError from a comparison deep in the checks
+    with pytest.raises(ValueError, match="n_embd must be int, got 'wide'"):
+        ModelConfig.from_name("tiny", n_embd="wide")
+    with pytest.raises(ValueError, match="VisionConfig: projector_init_scale must be float, got 'big'"):
+        ModelConfig.from_name("llama4-vision-tiny", vision={"projector_init_scale": "big"})
+
+
 def test_presets_sizes():
     sizes = {}
     for name in ("tiny", "small", "gpt-char-baby", "gpt2-char-baby", "llama-125m"):

@@ -11,7 +11,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
+
+
+def coerce_scalars(obj: Any, owner: str) -> None:
+    """Turn text values of ``obj``'s int / float / bool fields into those types, in place.
+
+    A value given on the command line inside a free-form dict (``--model.model_overrides.n_head 2``) may
+    arrive as the text ``"2"``; it is read as the field's type. Text that is not one raises a
+    ``ValueError`` naming the field, instead of a ``TypeError`` from a later comparison.
+    """
+    for name, hint in get_type_hints(type(obj)).items():
+        value = getattr(obj, name, None)
+        if not isinstance(value, str) or hint not in (int, float, bool):
+            continue
+        text = value.strip().lower()
+        try:
+            if hint is bool:
+                if text not in ("true", "false"):
+                    raise ValueError(text)
+                parsed: Any = text == "true"
+            else:
+                parsed = hint(float(text)) if hint is float else int(text)
+        except ValueError:
+            raise ValueError(f"{owner}: {name} must be {hint.__name__}, got {value!r}") from None
+        setattr(obj, name, parsed)
 
 
 @dataclass
@@ -67,6 +91,8 @@ class VisionConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"VisionConfig: {msg}")
+
+        coerce_scalars(self, "VisionConfig")
 
         for key in (
             "image_size",
@@ -257,6 +283,8 @@ class ModelConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"ModelConfig({self.name!r}): {msg}")
+
+        coerce_scalars(self, f"ModelConfig({self.name!r})")
 
         if isinstance(self.vision, dict):  # from YAML, a checkpoint's to_dict(), or model_overrides
             known = {f.name for f in dataclasses.fields(VisionConfig)}
