@@ -8,7 +8,10 @@ image world (never seen in training or validation):
   which is the same thing: see ``lit_llm.stages.sft.exact_rows``), beside
 * the majority-answer baseline (the most common training answer of the type, always given), and
 * the same model with the images shuffled across the batch (row i gets row i+1's image): if the answers come
-  from the image, this falls to about the baseline.
+  from the image, this falls to about the baseline;
+
+and exact answers per wording (colour of a shape in a place / of a named shape, ...); ``--split train``
+asks about training scenes instead (a model that memorised its scenes scores higher there).
 
 Then the cost of one training step (forward, backward, and the optimizer the checkpoint was trained with:
 AdamW or Muon) on a training batch: tokens/s, and the share of the step spent in the vision tower (its
@@ -16,6 +19,7 @@ forward + backward alone on the same tiles, timed in the same loop, alternating)
 
     OMP_NUM_THREADS=1 python benchmarks/vision.py --train --workdir /tmp/vision-bench
     OMP_NUM_THREADS=1 python benchmarks/vision.py --ckpt checkpoints/vision/last.ckpt
+    python benchmarks/vision.py --train --workdir /tmp/seed1 -- --seed_everything 1 --data.seed 1
 """
 
 from __future__ import annotations
@@ -61,10 +65,28 @@ def data_for(ckpt: Path, model) -> VisionDataModule:
     )
 
 
+WORDINGS = (  # (question prefix, name): the first match names a question's wording
+    ("What color is the shape in the", "colour of the shape in a place"),
+    ("What color is the", "colour of a named shape"),
+    ("How many shapes are", "how many shapes"),
+    ("How many", "how many of a colour"),
+    ("Where is the", "where is a shape"),
+    ("Is there a", "is there a shape"),
+)
+
+
+def wording(question: str) -> str:
+    return next((name for prefix, name in WORDINGS if question.startswith(prefix)), "other")
+
+
 @torch.no_grad()
-def evaluate(model, dm: VisionDataModule, n: int, batch_size: int) -> dict[str, list[float]]:
-    """Per question type: [exact, exact with shuffled images, majority baseline, count]."""
-    examples = dm.test_examples(n)
+def evaluate(
+    model, dm: VisionDataModule, n: int, batch_size: int, split: str = "test"
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Per question type: [exact, exact with shuffled images, majority baseline, count]; per wording:
+    [exact, count]. ``split="train"`` asks about training scenes instead (memorised or learned?)."""
+    examples = dm.test_examples(n) if split == "test" else dm.tokenize(dm.shapes_items(split, n), split)
+    by_wording: dict[str, list[int]] = {}
     majority = world.majority_answers(world.questions(dm.shapes_sizes[0], "train", dm.shapes, images=False))
     out: dict[str, list[float]] = {}
     for i in range(0, len(examples), batch_size):
@@ -79,7 +101,10 @@ def evaluate(model, dm: VisionDataModule, n: int, batch_size: int) -> dict[str, 
             row[1] += s
             row[2] += e["answer"] == majority.get(e["qtype"])
             row[3] += 1
-    return out
+            w = by_wording.setdefault(wording(e["question"]), [0, 0])
+            w[0] += r
+            w[1] += 1
+    return out, by_wording
 
 
 def step_cost(
@@ -113,6 +138,12 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="train the shipped config first, timed")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vision-bench"))
     p.add_argument("--n", type=int, default=1000, help="held-out test questions")
+    p.add_argument(
+        "--split",
+        choices=["test", "train", "val"],
+        default="test",
+        help="scenes to ask about (train: memorised?)",
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("fit_args", nargs="*", help="extra lit-llm fit arguments for --train")
@@ -126,8 +157,9 @@ def main() -> None:
     model, _, _ = load_backbone(ckpt)
     model.eval()
     dm = data_for(ckpt, model)
-    res = evaluate(model, dm, a.n, a.batch_size)
+    res, by_wording = evaluate(model, dm, a.n, a.batch_size, a.split)
     print(f"checkpoint {ckpt}" + (f", trained in {seconds:.0f} s" if seconds is not None else ""))
+    print(f"{a.split} scenes")
     print("| question type | n | exact | images shuffled | majority baseline |")
     print("|---|---:|---:|---:|---:|")
     tot = [0, 0, 0, 0]
@@ -138,6 +170,11 @@ def main() -> None:
             print(f"| {t} | {n} | {r / n:.1%} | {s / n:.1%} | {m / n:.1%} |")
     r, s, m, n = tot
     print(f"| all | {n} | {r / n:.1%} | {s / n:.1%} | {m / n:.1%} |")
+    print("\n| wording | n | exact |\n|---|---:|---:|")
+    for _, name in WORDINGS:
+        r, n = by_wording.get(name, [0, 0])
+        if n:
+            print(f"| {name} | {n} | {r / n:.1%} |")
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     optimizer = hparams.get("optimizer", "adamw")
     tps, step, share = step_cost(model, dm, a.batch_size, a.reps, optimizer)
