@@ -39,8 +39,13 @@ def main(args: Sequence[str] | None = None) -> None:
 
 def console_main() -> None:
     """The installed ``lit-llm`` script: :func:`main` with one-line errors for the user's mistakes."""
+    import warnings
+
     from lit_llm.errors import UserError
 
+    # Lightning 2.6 builds torch's deprecated LeafSpec on every logged step; torch warns the user, who can do
+    # nothing about it (the installed script only: the Python API leaves warning filters alone)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning)
     try:
         main()
     except (UserError, FileNotFoundError, IsADirectoryError) as err:
