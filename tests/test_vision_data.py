@@ -509,7 +509,7 @@ def test_generate_and_chat_answer_about_an_image(vision_run, tmp_path, capsys, m
             "3",
         ]
     )
-    assert capsys.readouterr().out.startswith("What color is the circle?")
+    assert capsys.readouterr().out.startswith("What color is the circle?\n")  # the reply on its own line
     monkeypatch.setattr("sys.stdin", io.StringIO("How many shapes are there?\nAnd now?\n"))
     main(["chat", "--ckpt", ckpt, "--image", str(tmp_path / "board.png"), "--max_new_tokens", "3"])
     assert capsys.readouterr().out.count("assistant> ") == 2

@@ -52,7 +52,8 @@ def main(argv: Sequence[str]) -> None:
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens")
     gen = torch.Generator().manual_seed(a.seed)
-    sys.stdout.write(a.prompt)
+    # a continuation follows its prompt on the same line; a chat reply is the next turn: on its own line
+    sys.stdout.write(a.prompt + ("\n" if a.chat else ""))
     tokens = stream(
         model,
         ids,
