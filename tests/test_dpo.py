@@ -5,6 +5,7 @@ test_losses.py."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -151,14 +152,27 @@ def test_the_reference_stays_frozen(sft_ckpt):
     ref0 = {k: v.clone() for k, v in module.ref.state_dict().items()}
     policy0 = {k: v.clone() for k, v in module.model.state_dict().items()}
     watch = Watch()
-    _trainer(3, callbacks=[watch], limit_val_batches=1, val_check_interval=2).fit(module, _dm(sft_ckpt))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _trainer(3, callbacks=[watch], limit_val_batches=1, val_check_interval=2).fit(module, _dm(sft_ckpt))
     assert watch.modes == [False] * 3  # in eval mode through training and validation
+    # frozen on purpose: Lightning's "module(s) in eval mode" warning is quieted ...
+    assert not [w for w in seen if "in eval mode" in str(w.message)]
     module.train()  # as a training loop does (Lightning before 2.2, a hand-written loop)
     assert module.model.training and not module.ref.training
     assert not any(p.requires_grad for p in module.ref.parameters())
     for k, v in module.ref.state_dict().items():
         torch.testing.assert_close(v, ref0[k], rtol=0, atol=0)
     assert any(not torch.equal(v, policy0[k]) for k, v in module.model.state_dict().items())
+
+
+def test_a_trainable_module_left_in_eval_mode_still_warns(sft_ckpt):
+    module = DPOModule(init_from=str(sft_ckpt), learning_rate=1e-2, warmup_steps=0)
+    module.model.eval()  # the policy, which trains: a mistake Lightning should still point out
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _trainer(1, limit_val_batches=0).fit(module, _dm(sft_ckpt))
+    assert [w for w in seen if "in eval mode" in str(w.message)]
 
 
 @NO_TRAINER_LOG

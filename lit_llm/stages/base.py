@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,7 @@ from typing import Any, Literal
 import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.checkpoint import META_KEY, load_backbone
@@ -138,6 +140,16 @@ class Stage(LightningModule):
             )  # before compile: the compiled code holds the checkpoint
         if self.hparams.get("compile"):
             compile_model(self.model)
+
+    def on_fit_start(self) -> None:
+        """Quiet Lightning's "module(s) in eval mode" warning when every module in eval mode is frozen: the
+        reference, reward model or critic of the RL stages is kept in eval mode on purpose. A trainable
+        module left in eval mode (a real mistake) still warns."""
+        in_eval = [m for m in self.modules() if not m.training]
+        if in_eval and not any(p.requires_grad for m in in_eval for p in m.parameters(recurse=False)):
+            warnings.filterwarnings(
+                "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
+            )
 
     # ------------------------------------------------------------------------------------ tokenizer plumbing
     def setup(self, stage: str) -> None:
