@@ -26,7 +26,7 @@ def main(argv: Sequence[str]) -> None:
         "--ckpt", required=True, help="a chat model: an sft/ppo .ckpt or an exported Hugging Face folder"
     )
     p.add_argument("--system", default=None, help="optional system prompt")
-    add_sampling_args(p, max_new_tokens=128)
+    add_sampling_args(p, max_new_tokens=None)
     add_image_args(p)
     a = p.parse_args(argv)
     import torch
@@ -36,6 +36,10 @@ def main(argv: Sequence[str]) -> None:
 
     check_sampling_args(a)
     model, tok, meta = load_for_inference(a.ckpt, a.precision, CHAT_STAGES, base=a.base)
+    if (
+        a.max_new_tokens is None
+    ):  # a small model's context (the image config's is 80) must hold the prompt too
+        a.max_new_tokens = min(128, model.config.block_size // 2)
     budget = model.config.block_size - a.max_new_tokens
     if budget < 1:
         raise SystemExit(

@@ -14,10 +14,19 @@ from lit_llm.tokenizer import Tokenizer
 COMPILE = {"off": False, "on": True, "frozen": "frozen"}
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    """Length, temperature, top-k / top-p, seed, weight precision and compilation of decoding."""
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
+    """Length, temperature, top-k / top-p, seed, weight precision and compilation of decoding
+    (``max_new_tokens=None``: the command picks the default from the model, see ``lit-llm chat``)."""
     p.add_argument(
-        "--max_new_tokens", type=positive_int, default=max_new_tokens, help="longest reply in tokens"
+        "--max_new_tokens",
+        type=positive_int,
+        default=max_new_tokens,
+        help="longest reply in tokens"
+        + (
+            " (default: 128, or half the model's context when that is shorter)"
+            if max_new_tokens is None
+            else ""
+        ),
     )
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy; otherwise the sampling temperature"
