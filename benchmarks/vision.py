@@ -37,7 +37,7 @@ import torch
 from lit_llm.checkpoint import load_backbone
 from lit_llm.data import images as world
 from lit_llm.data.vision import VisionDataModule, collate_images
-from lit_llm.losses import masked_lm_loss
+from lit_llm.losses import IGNORE_INDEX, masked_lm_loss
 from lit_llm.optim import build_optimizer
 from lit_llm.stages.sft import exact_rows, shuffle_images
 
@@ -105,6 +105,30 @@ def evaluate(
             w[0] += r
             w[1] += 1
     return out, by_wording
+
+
+@torch.no_grad()
+def evaluate_follow_ups(model, dm: VisionDataModule, n: int, batch_size: int) -> dict[str, list[int]]:
+    """Exact answers to a second question about the same test board (the first question and its answer
+    given as the conversation so far; only the second answer scored), per wording: [exact, count]."""
+    items = [it for it in dm.shapes_items("test", n, follow_ups=1) if len(it["messages"]) == 4]
+    examples = dm.tokenize(items, "test")
+    for e, it in zip(examples, items):
+        labelled = [i for i, t in enumerate(e["labels"]) if t != IGNORE_INDEX]
+        # the first answer's tokens are the first labelled run; keep only the second answer's
+        second = [i for i, j in zip(labelled[1:], labelled) if i != j + 1][0]
+        e["labels"] = [IGNORE_INDEX if i < second else t for i, t in enumerate(e["labels"])]
+        e["follow_up"] = it["messages"][2]["content"]
+    out: dict[str, list[int]] = {}
+    for i in range(0, len(examples), batch_size):
+        part = examples[i : i + batch_size]
+        b = collate_images(part, dm.tokenizer.pad_id)
+        own = exact_rows(model(b["input_ids"], images=b["images"]), b["labels"])
+        for e, r in zip(part, own.tolist()):
+            row = out.setdefault(wording(e["follow_up"]), [0, 0])
+            row[0] += r
+            row[1] += 1
+    return out
 
 
 def step_cost(
@@ -175,6 +199,12 @@ def main() -> None:
         r, n = by_wording.get(name, [0, 0])
         if n:
             print(f"| {name} | {n} | {r / n:.1%} |")
+    follow = evaluate_follow_ups(model, dm, a.n, a.batch_size)
+    r, n = (sum(v[i] for v in follow.values()) for i in (0, 1))
+    print(f"\nsecond question about the same board (chat), exact: {r / n:.1%} of {n}: ", end="")
+    print(
+        ", ".join(f"{name} {follow[name][0] / follow[name][1]:.0%}" for _, name in WORDINGS if name in follow)
+    )
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     optimizer = hparams.get("optimizer", "adamw")
     tps, step, share = step_cost(model, dm, a.batch_size, a.reps, optimizer)

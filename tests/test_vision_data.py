@@ -215,20 +215,47 @@ def test_world_answers_are_true_to_the_pixels():
         colors = cell_colors(r["image"], config)
         shapes = [s.split(":") for s in r["scene"].split(";")]
         assert [c for c in colors if c] == [c for _, c, _ in shapes]  # drawn where the scene says
-        q, a = r["question"], r["answer"]
-        assert f" {a} " not in f" {q[:-1]} "  # the question never contains its answer
-        if q.startswith("What color is the shape in the "):
-            assert colors[names.index(q[len("What color is the shape in the ") : -1])] == a
-        elif q == "How many shapes are there?":
-            assert int(a) == sum(c is not None for c in colors)
-        elif q.startswith("How many "):
-            assert int(a) == colors.count(q.split()[2])
-        elif q.startswith("Where is the "):
-            color, shape = q[len("Where is the ") : -1].split()
-            assert [int(c) for c, col, s in shapes if (col, s) == (color, shape)] == [names.index(a)]
-        elif q.startswith("Is there a "):
-            color, shape = q[len("Is there a ") : -1].split()
-            assert a == ("yes" if any((col, s) == (color, shape) for _, col, s in shapes) else "no")
+        check_answer(r["question"], r["answer"], colors, shapes, names)
+
+
+def check_answer(q: str, a: str, colors: list, shapes: list, names: list[str]) -> None:
+    """Assert that ``a`` answers ``q`` on the board whose cell colours (from the pixels) and scene are given."""
+    assert f" {a} " not in f" {q[:-1]} "  # the question never contains its answer
+    if q.startswith("What color is the shape in the "):
+        assert colors[names.index(q[len("What color is the shape in the ") : -1])] == a
+    elif q.startswith("What color is the "):
+        assert [col for _, col, s in shapes if s == q[len("What color is the ") : -1]] == [a]
+    elif q == "How many shapes are there?":
+        assert int(a) == sum(c is not None for c in colors)
+    elif q.startswith("How many "):
+        assert int(a) == colors.count(q.split()[2])
+    elif q.startswith("Where is the "):
+        color, shape = q[len("Where is the ") : -1].split()
+        assert [int(c) for c, col, s in shapes if (col, s) == (color, shape)] == [names.index(a)]
+    elif q.startswith("Is there a "):
+        color, shape = q[len("Is there a ") : -1].split()
+        assert a == ("yes" if any((col, s) == (color, shape) for _, col, s in shapes) else "no")
+    else:
+        raise AssertionError(f"unknown question {q!r}")
+
+
+def test_follow_up_questions_ask_about_the_same_board():
+    config = world.ShapesConfig(grid=2, cell=16, max_shapes=4)
+    names = world.position_names(2)
+    plain = world.questions(200, "train", config, images=False)
+    records = world.questions(200, "train", config, follow_ups=2)
+    # the first questions and their boards do not depend on follow_ups
+    assert [(r["question"], r["scene"]) for r in records] == [(r["question"], r["scene"]) for r in plain]
+    assert all(r["follow_ups"] == [] for r in plain)
+    counts = [len(r["follow_ups"]) for r in records]
+    assert set(counts) == {0, 1, 2}  # uniform in 0..2
+    for r in records:
+        colors = cell_colors(r["image"], config)
+        shapes = [s.split(":") for s in r["scene"].split(";")]
+        asked = [r["question"]] + [f["question"] for f in r["follow_ups"]]
+        assert len(set(asked)) == len(asked)  # no question asked twice
+        for f in r["follow_ups"]:
+            check_answer(f["question"], f["answer"], colors, shapes, names)
 
 
 def test_captions_name_every_cell_in_reading_order():
@@ -272,6 +299,27 @@ def shapes_dm() -> VisionDataModule:
     dm = VisionDataModule(shapes_train=64, shapes_val=16, batch_size=8)
     dm.setup()
     return dm
+
+
+def test_training_conversations_with_follow_ups(shapes_dm):
+    dm = VisionDataModule(
+        tokenizer=None, image_size=32, seq_len=96, shapes_train=40, shapes_val=8, shapes_follow_ups=2
+    )
+    dm.setup()
+    tok = dm.tokenizer
+    turns = []
+    for ex, item in zip(dm.train_examples, dm.shapes_items("train", 40)):
+        answers = [m["content"] for m in item["messages"] if m["role"] == "assistant"]
+        turns.append(len(answers))
+        # every answer is trained on, in order; the image (4 <|patch|> tokens) comes once, in the first turn
+        trained = [t for t in ex["labels"] if t != IGNORE_INDEX]
+        assert trained == sum((tok.encode(a) + [tok.end_id] for a in answers), [])
+        assert ex["input_ids"].count(tok.patch_id) == 4 and len(ex["tiles"]) == 1
+        assert ex["input_ids"].index(tok.patch_id) < ex["prompt_len"]
+    assert set(turns) == {1, 2, 3}
+    # validation stays one question per board (the issue's metrics)
+    for ex in dm.val_examples:
+        assert sum(1 for i, t in enumerate(ex["labels"]) if t == tok.end_id) == 1
 
 
 def test_batches_hold_tiles_in_row_order_and_labels_only_on_the_answer(shapes_dm):

@@ -347,7 +347,11 @@ def _question(
 
 
 def questions(
-    n: int, split: str = "train", config: ShapesConfig = ShapesConfig(), images: bool = True
+    n: int,
+    split: str = "train",
+    config: ShapesConfig = ShapesConfig(),
+    images: bool = True,
+    follow_ups: int = 0,
 ) -> list[dict]:
     """``n`` image questions on scenes of ``split``.
 
@@ -356,17 +360,40 @@ def questions(
         split: One of ``SPLITS``.
         config: The world's knobs.
         images: Draw the boards (``False``: the same records without ``image``, e.g. to train a tokenizer).
+        follow_ups: Up to this many more questions about the same scene per record (how many: uniform in
+            ``0..follow_ups``), for multi-turn conversations. They come from a generator of their own, so
+            the first questions (and scenes) are the same whatever ``follow_ups`` is.
 
     Returns:
-        ``[{"image": PIL image, "question": str, "answer": str, "qtype": str, "scene": str}, ...]``.
+        ``[{"image": PIL image, "question": str, "answer": str, "qtype": str, "scene": str,
+        "follow_ups": [{"question", "answer", "qtype"}, ...]}, ...]``.
     """
-    return list(_stream(n, split, config, images))
+    return list(_stream(n, split, config, images, follow_ups))
 
 
-def _stream(n: int, split: str, config: ShapesConfig, images: bool = True) -> Iterator[dict]:
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    rng = _rng("qa", split, config)
+def _follow_ups(
+    scene: tuple[Shape, ...], first: str, k: int, rng: random.Random, config: ShapesConfig
+) -> list[dict]:
+    """Up to ``k`` more questions about ``scene`` (uniform count), none repeating an earlier one."""
+    out: list[dict] = []
+    asked = {first}
+    for _ in range(rng.randint(0, k)):
+        for _ in range(100):  # a type this scene cannot pose, or a repeat: draw again
+            qtype = rng.choice(config.question_types)
+            qa = _question(scene, qtype, rng, config)
+            if qa is not None and qa[0] not in asked:
+                asked.add(qa[0])
+                out.append({"question": qa[0], "answer": qa[1], "qtype": qtype})
+                break
+    return out
+
+
+def _stream(
+    n: int, split: str, config: ShapesConfig, images: bool = True, follow_ups: int = 0
+) -> Iterator[dict]:
+    if n < 0 or follow_ups < 0:
+        raise ValueError(f"n and follow_ups must be >= 0, got {n}, {follow_ups}")
+    rng, follow_rng = _rng("qa", split, config), _rng("follow-ups", split, config)
     for _ in range(n):
         qtype = rng.choice(config.question_types)
         for _ in range(_MAX_TRIES):
@@ -380,6 +407,9 @@ def _stream(n: int, split: str, config: ShapesConfig, images: bool = True) -> It
             raise RuntimeError(f"could not draw a {split!r} scene for a {qtype!r} question")
         question, answer = qa
         record = {"question": question, "answer": answer, "qtype": qtype, "scene": describe(scene)}
+        record["follow_ups"] = (
+            _follow_ups(scene, question, follow_ups, follow_rng, config) if follow_ups else []
+        )
         if images:
             record["image"] = draw(scene, config)
         yield record

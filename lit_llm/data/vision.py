@@ -98,6 +98,9 @@ class VisionDataModule(RecordDataModule):
         shapes_max: Most shapes on a board.
         shapes_types: Question types of the training split, drawn equally often; add ``describe`` (captions
             of the whole board) for a denser training signal. Validation asks the four question types.
+        shapes_follow_ups: Up to this many more questions about the same board in a training conversation
+            (uniform count, each a user turn after the answer to the last): a model that has seen them
+            answers a second question in ``lit-llm chat``. Validation stays one question per board.
         seed: Seed of the image world.
         num_workers: DataLoader workers.
     """
@@ -121,6 +124,7 @@ class VisionDataModule(RecordDataModule):
         shapes_val: int = 500,
         shapes_max: int = 5,
         shapes_types: tuple[str, ...] = world.QUESTION_TYPES,
+        shapes_follow_ups: int = 0,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -147,6 +151,9 @@ class VisionDataModule(RecordDataModule):
             max_shapes=min(shapes_max, (image_size // cell) ** 2),
         )
         self.train_shapes = dataclasses.replace(self.shapes, question_types=tuple(shapes_types))
+        if shapes_follow_ups < 0:
+            raise DataError(f"shapes_follow_ups must be >= 0, got {shapes_follow_ups}")
+        self.shapes_follow_ups = shapes_follow_ups
 
     # ---------------------------------------------------------------------------------------- tokenizer
     @property
@@ -192,22 +199,35 @@ class VisionDataModule(RecordDataModule):
             )
         return super().items()
 
-    def shapes_items(self, split: str, n: int) -> list[ImageItem]:
-        """``n`` questions of the image world's ``split`` as conversations (the reply is the bare answer)."""
-        return [
-            ImageItem(
-                messages=[
-                    # the question before the image: the patch tokens can then attend to it (causal attention)
-                    {"role": "user", "content": [{"type": "text", "text": r["question"]}, {"type": "image"}]},
-                    {"role": "assistant", "content": r["answer"]},
-                ],
-                images=[r["image"]],
-                qtype=r["qtype"],
-                answer=r["answer"],
-                question=r["question"],
+    def shapes_items(self, split: str, n: int, follow_ups: int | None = None) -> list[ImageItem]:
+        """``n`` questions of the image world's ``split`` as conversations (the reply is the bare answer);
+        training conversations ask up to ``shapes_follow_ups`` more (``follow_ups`` overrides)."""
+        train = split == "train"
+        if follow_ups is None:
+            follow_ups = self.shapes_follow_ups if train else 0
+        records = world.questions(n, split, self.train_shapes if train else self.shapes, True, follow_ups)
+        items = []
+        for r in records:
+            messages = [
+                # the question before the image: the patch tokens can then attend to it (causal attention)
+                {"role": "user", "content": [{"type": "text", "text": r["question"]}, {"type": "image"}]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+            for f in r["follow_ups"]:
+                messages += [
+                    {"role": "user", "content": f["question"]},
+                    {"role": "assistant", "content": f["answer"]},
+                ]
+            items.append(
+                ImageItem(
+                    messages=messages,
+                    images=[r["image"]],
+                    qtype=r["qtype"],
+                    answer=r["answer"],
+                    question=r["question"],
+                )
             )
-            for r in world.questions(n, split, self.train_shapes if split == "train" else self.shapes)
-        ]
+        return items
 
     def convert_record(self, record: dict[str, Any]) -> list:
         paths = record.get("image")
