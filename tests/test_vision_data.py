@@ -559,9 +559,16 @@ def test_generate_and_chat_answer_about_an_image(vision_run, tmp_path, capsys, m
     )
     assert capsys.readouterr().out.startswith("What color is the circle?\n")  # the reply on its own line
     monkeypatch.setattr("sys.stdin", io.StringIO("How many shapes are there?\nAnd now?\n"))
-    # the default reply length fits the 80-token context of the image config (128 did not: refused)
+    # the default reply length fits the 96-token context of the image config (128 did not: refused)
     main(["chat", "--ckpt", ckpt, "--image", str(tmp_path / "board.png")])
     assert capsys.readouterr().out.count("assistant> ") == 2
+    # a long conversation outgrows the context: the oldest exchanges after the first (it holds the image)
+    # are forgotten, so every question is answered
+    questions = [f"Is there a {c} square?" for c in ("red", "blue", "green", "yellow", "purple")] * 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(q + "\n" for q in questions)))
+    main(["chat", "--ckpt", ckpt, "--image", str(tmp_path / "board.png"), "--max_new_tokens", "3"])
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == len(questions) and "no longer fits" not in out
     with pytest.raises(DataError, match="image not found"):
         main(["generate", "--ckpt", ckpt, "--prompt", "x", "--image", str(tmp_path / "none.png")])
 

@@ -79,10 +79,17 @@ def main(argv: Sequence[str]) -> None:
             }
         )
         ids = tok.render_chat(history, add_generation_prompt=True, images=placeholders)[0]
-        if images is not None and len(ids) > budget:  # cutting the start would cut the image
-            sys.stdout.write("(the conversation with its image no longer fits the context: /reset)\n")
-            history.pop()
-            continue
+        if images is not None:
+            # cutting the start would cut the image: keep the first question (it holds the image) and its
+            # answer, and forget the oldest exchanges after it until the conversation fits
+            first = 1 if a.system else 0
+            while len(ids) > budget and len(history) - first > 3:
+                del history[first + 2 : first + 4]
+                ids = tok.render_chat(history, add_generation_prompt=True, images=placeholders)[0]
+            if len(ids) > budget:
+                sys.stdout.write("(the conversation with its image no longer fits the context: /reset)\n")
+                history.pop()
+                continue
         ids = ids[-budget:]  # forget the oldest turns when the conversation outgrows the context
         sys.stdout.write("assistant> ")
         stops = [tok.end_id, tok.eos_id]
