@@ -559,7 +559,7 @@ def test_generate_and_chat_answer_about_an_image(vision_run, tmp_path, capsys, m
     )
     assert capsys.readouterr().out.startswith("What color is the circle?\n")  # the reply on its own line
     monkeypatch.setattr("sys.stdin", io.StringIO("How many shapes are there?\nAnd now?\n"))
-    # the default reply length fits the 96-token context of the image config (128 did not: refused)
+    # the default reply length fits the 80-token context of the image config (128 did not: refused)
     main(["chat", "--ckpt", ckpt, "--image", str(tmp_path / "board.png")])
     assert capsys.readouterr().out.count("assistant> ") == 2
     # a long conversation outgrows the context: the oldest exchanges after the first (it holds the image)
@@ -569,6 +569,32 @@ def test_generate_and_chat_answer_about_an_image(vision_run, tmp_path, capsys, m
     main(["chat", "--ckpt", ckpt, "--image", str(tmp_path / "board.png"), "--max_new_tokens", "3"])
     out = capsys.readouterr().out
     assert out.count("assistant> ") == len(questions) and "no longer fits" not in out
+
+    import lit_llm.backbone.generate as generation
+
+    real_stream, prompts = generation.stream, []
+
+    def recording_stream(model, ids, *args, **kwargs):
+        prompts.append(list(ids))
+        return real_stream(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "stream", recording_stream)
+
+    def prompts_of(questions: list[str], *flags: str) -> list[list[int]]:
+        prompts.clear()
+        monkeypatch.setattr("sys.stdin", io.StringIO("".join(q + "\n" for q in questions)))
+        main(
+            ["chat", "--ckpt", ckpt, "--image", str(tmp_path / "board.png"), "--max_new_tokens", "3", *flags]
+        )
+        capsys.readouterr()
+        return list(prompts)
+
+    # --single_turn: each question is asked as if it were the first (the image, no earlier turns)
+    q1, q2 = "How many shapes are there?", "Where is the red square?"
+    alone = prompts_of([q2], "--single_turn")[0]
+    assert prompts_of([q1, q2], "--single_turn")[1] == alone
+    with_history = prompts_of([q1, q2])[1]
+    assert len(with_history) > len(alone)  # without the flag the first exchange stays in the prompt
     with pytest.raises(DataError, match="image not found"):
         main(["generate", "--ckpt", ckpt, "--prompt", "x", "--image", str(tmp_path / "none.png")])
 

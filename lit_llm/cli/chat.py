@@ -26,6 +26,12 @@ def main(argv: Sequence[str]) -> None:
         "--ckpt", required=True, help="a chat model: an sft/ppo .ckpt or an exported Hugging Face folder"
     )
     p.add_argument("--system", default=None, help="optional system prompt")
+    p.add_argument(
+        "--single_turn",
+        action="store_true",
+        help="answer each message on its own (with the system prompt and the image, without earlier "
+        "turns), for a model trained on one question per conversation such as configs/vision/shapes.yaml",
+    )
     add_sampling_args(p, max_new_tokens=None)
     add_image_args(p)
     a = p.parse_args(argv)
@@ -71,6 +77,8 @@ def main(argv: Sequence[str]) -> None:
         if not line.strip():
             continue
         text = line.rstrip("\n")
+        if a.single_turn:
+            history = history[:1] if a.system else []
         first_user = images is not None and not any(m["role"] == "user" for m in history)
         history.append(
             {
