@@ -113,6 +113,8 @@ def evaluate_follow_ups(model, dm: VisionDataModule, n: int, batch_size: int) ->
     given as the conversation so far; only the second answer scored), per wording: [exact, count]."""
     items = [it for it in dm.shapes_items("test", n, follow_ups=1) if len(it["messages"]) == 4]
     examples = dm.tokenize(items, "test")
+    if len(examples) != len(items):  # the zip below pairs them by position
+        raise SystemExit(f"{len(items) - len(examples)} follow-up conversations exceed seq_len {dm.seq_len}")
     for e, it in zip(examples, items):
         labelled = [i for i, t in enumerate(e["labels"]) if t != IGNORE_INDEX]
         # the first answer's tokens are the first labelled run; keep only the second answer's

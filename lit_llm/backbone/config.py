@@ -10,8 +10,15 @@ gives a preset; keyword overrides replace any field::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal, get_type_hints
+
+
+@functools.cache
+def _scalar_fields(cls: type) -> dict[str, type]:
+    """``cls``'s fields typed int, float or bool (resolved once per class)."""
+    return {k: v for k, v in get_type_hints(cls).items() if v in (int, float, bool)}
 
 
 def coerce_scalars(obj: Any, owner: str) -> None:
@@ -21,9 +28,9 @@ def coerce_scalars(obj: Any, owner: str) -> None:
     arrive as the text ``"2"``; it is read as the field's type. Text that is not one raises a
     ``ValueError`` naming the field, instead of a ``TypeError`` from a later comparison.
     """
-    for name, hint in get_type_hints(type(obj)).items():
+    for name, hint in _scalar_fields(type(obj)).items():
         value = getattr(obj, name, None)
-        if not isinstance(value, str) or hint not in (int, float, bool):
+        if not isinstance(value, str):
             continue
         text = value.strip().lower()
         try:

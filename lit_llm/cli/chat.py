@@ -42,9 +42,8 @@ def main(argv: Sequence[str]) -> None:
 
     check_sampling_args(a)
     model, tok, meta = load_for_inference(a.ckpt, a.precision, CHAT_STAGES, base=a.base)
-    if (
-        a.max_new_tokens is None
-    ):  # a small model's context (the image config's is 80) must hold the prompt too
+    # a small model's context (the image config's is 80) must hold the prompt too
+    if a.max_new_tokens is None:
         a.max_new_tokens = min(128, model.config.block_size // 2)
     budget = model.config.block_size - a.max_new_tokens
     if budget < 1:
@@ -61,6 +60,7 @@ def main(argv: Sequence[str]) -> None:
     if interactive:
         print(f"lit-llm chat ({meta.get('stage')} model, {a.ckpt}); /reset clears, /exit quits")
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    first = len(history)  # where the conversation starts, after the system prompt
     while True:
         if interactive:
             sys.stdout.write("you> ")
@@ -72,13 +72,13 @@ def main(argv: Sequence[str]) -> None:
         if not line or line.strip() == "/exit":
             break
         if line.strip() == "/reset":
-            history = history[:1] if a.system else []
+            history = history[:first]
             continue
         if not line.strip():
             continue
         text = line.rstrip("\n")
         if a.single_turn:
-            history = history[:1] if a.system else []
+            history = history[:first]
         first_user = images is not None and not any(m["role"] == "user" for m in history)
         history.append(
             {
@@ -90,7 +90,6 @@ def main(argv: Sequence[str]) -> None:
         if images is not None:
             # cutting the start would cut the image: keep the first question (it holds the image) and its
             # answer, and forget the oldest exchanges after it until the conversation fits
-            first = 1 if a.system else 0
             while len(ids) > budget and len(history) - first > 3:
                 del history[first + 2 : first + 4]
                 ids = tok.render_chat(history, add_generation_prompt=True, images=placeholders)[0]

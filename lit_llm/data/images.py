@@ -407,9 +407,7 @@ def _stream(
             raise RuntimeError(f"could not draw a {split!r} scene for a {qtype!r} question")
         question, answer = qa
         record = {"question": question, "answer": answer, "qtype": qtype, "scene": describe(scene)}
-        record["follow_ups"] = (
-            _follow_ups(scene, question, follow_ups, follow_rng, config) if follow_ups else []
-        )
+        record["follow_ups"] = _follow_ups(scene, question, follow_ups, follow_rng, config)
         if images:
             record["image"] = draw(scene, config)
         yield record
