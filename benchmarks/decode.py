@@ -1,7 +1,7 @@
 """Greedy decoding speed: ``lit_llm.backbone.generate.generate`` against ``transformers`` Llama.
 
 The ``small`` preset (6 layers, width 384, 6 query heads, 2 key/value heads, vocab 8192) with random
-weights; Hugging Face's ``LlamaForCausalLM`` gets the very same weights through ``lit_llm/hf.py``. Random
+weights; Hugging Face's ``LlamaForCausalLM`` gets the very same weights through ``lit_llm/formats/hf.py``. Random
 32-token prompts, 256 new tokens, greedy, batch 1 and 8. Each repetition runs every implementation once, one
 after the other (the order rotates), and compares its tokens with HF float32's. Tokens/s = batch x new tokens
 / wall time of the whole call (prefill included); the table gives the median over ``--reps``. Every
@@ -34,7 +34,7 @@ import torch
 from lit_llm.backbone import ModelConfig, Transformer, count_parameters
 from lit_llm.backbone.generate import generate
 from lit_llm.backbone.quantize import quantize_int8
-from lit_llm.hf import hf_llama_config_dict, state_dict_to_hf_llama
+from lit_llm.formats.llama import hf_llama_config_dict, state_dict_to_hf_llama
 
 
 def build_models(preset: str, seed: int):

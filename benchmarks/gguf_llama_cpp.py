@@ -1,6 +1,6 @@
 """llama.cpp on our GGUF export against our own decoding (issue 18): same tokens? how fast?
 
-For each checkpoint: export it with ``lit_llm.gguf_export.export_gguf``, load the file in llama.cpp (through
+For each checkpoint: export it with ``lit_llm.formats.gguf.export_gguf``, load the file in llama.cpp (through
 ``llama-cpp-python``), and on held-out tinyworld test prompts check
 
 - **chat template**: the file's Jinja chat template, rendered by llama-cpp-python's own
@@ -45,7 +45,7 @@ import torch
 from lit_llm.backbone.generate import generate
 from lit_llm.checkpoint import load_for_inference
 from lit_llm.data import tinyworld
-from lit_llm.gguf_export import export_gguf
+from lit_llm.formats.gguf import export_gguf
 
 
 def _llama(path: Path, n_ctx: int) -> Any:
@@ -227,7 +227,7 @@ def crosscheck_converter(model, tok, llama_cpp_dir: str | Path, folder: str | Pa
     import gguf
     import numpy as np
 
-    from lit_llm.hf import export_hf
+    from lit_llm.formats.hf import export_hf
 
     folder = Path(folder)
     export_hf(model, tok, folder / "hf")

@@ -1,7 +1,7 @@
 """Llama 4 vision tower: parity with Hugging Face ``Llama4ForConditionalGeneration`` and the tower's speed.
 
 **Parity** (``--part parity``). For each shape below, a random model with loud weights (std 0.3, every
-LayerNorm, class token and position table far from its default) is converted with ``lit_llm.hf.to_hf``;
+LayerNorm, class token and position table far from its default) is converted with ``lit_llm.formats.hf.to_hf``;
 a batch of rows holding several images of several tiles each goes through ours (``model(idx, images=)``)
 and through Hugging Face's own submodules (``get_image_features`` -> ``multi_modal_projector`` ->
 ``masked_scatter`` into the token embeddings -> ``language_model``; its ``forward`` raises
@@ -29,7 +29,8 @@ import time
 import torch
 
 from lit_llm.backbone import ModelConfig, Transformer
-from lit_llm.hf import _vision_names, to_hf
+from lit_llm.formats.hf import to_hf
+from lit_llm.formats.llama4 import _vision_names
 
 # name -> (text overrides, vision fields, tiles per image of each row)
 SHAPES = {

@@ -100,10 +100,10 @@ def load_backbone(
         base: For an adapter checkpoint: load the base from here instead of the path it names (it must have
             the same weights).
         keep_adapters: For an adapter checkpoint: return the model with its (unmerged) ``LoRALinear``
-            layers, as :func:`lit_llm.lora.export_peft` wants it.
+            layers, as :func:`lit_llm.formats.peft.export_peft` wants it.
     """
     if Path(path).is_dir():
-        from lit_llm.hf import import_hf
+        from lit_llm.formats.hf import import_hf
 
         if not (Path(path) / "config.json").is_file():
             raise CheckpointError(f"{path} is a folder without config.json: not a Hugging Face model folder")

@@ -190,7 +190,7 @@ def test_sampling_filters():
 @pytest.mark.parametrize("tie,gqa", [(True, 2), (False, 4), (False, 1)])
 def test_logits_match_hf_llama(tie, gqa):
     transformers = pytest.importorskip("transformers")
-    from lit_llm.hf import from_hf
+    from lit_llm.formats.hf import from_hf
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(

@@ -23,7 +23,7 @@ from lit_llm.backbone.config import ModelConfig
 from lit_llm.backbone.model import Transformer
 from lit_llm.data import tinyworld
 from lit_llm.errors import UserError
-from lit_llm.gguf_export import chat_template, export_gguf
+from lit_llm.formats.gguf import chat_template, export_gguf
 from lit_llm.tokenizer import Tokenizer
 
 # a Llama 4 model llama.cpp's llama4 expresses: its fixed chunk / NoPE / temperature values, QK-norm,

@@ -8,7 +8,7 @@ import torch
 
 from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.backbone.generate import generate
-from lit_llm.hf import (
+from lit_llm.formats.hf import (
     config_from_hf_llama4,
     export_hf,
     from_hf,
@@ -223,7 +223,7 @@ def test_export_replaces_files_atomically(tmp_path, monkeypatch):
     """A failed export (here: disk full while writing the weights) leaves the previous export whole."""
     import safetensors.torch
 
-    from lit_llm.hf import export_hf
+    from lit_llm.formats.hf import export_hf
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=97, n_layer=1, n_embd=32, n_head=4)

@@ -15,6 +15,7 @@ from lightning import Callback
 from lit_llm.backbone import ModelConfig, Transformer
 from lit_llm.checkpoint import load_backbone, load_checkpoint, load_for_inference
 from lit_llm.errors import CheckpointError, UserError
+from lit_llm.formats.peft import export_peft
 from lit_llm.lora import (
     AdaptersOff,
     LoRAConfig,
@@ -22,7 +23,6 @@ from lit_llm.lora import (
     adapters_disabled,
     apply_lora,
     base_fingerprint,
-    export_peft,
     fold_lora,
     lora_layers,
     merge_lora,
@@ -183,7 +183,7 @@ def test_peft_adapter_gives_our_logits_on_the_exported_base(name, tmp_path):
     Llama 4 the exported q/k rows are permuted (RoPE layout): B's rows must follow."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lit_llm.hf import export_hf
+    from lit_llm.formats.hf import export_hf
 
     model = _model(name)
     apply_lora(model, LoRAConfig(rank=4, alpha=12, targets=ALL))

@@ -20,7 +20,7 @@ from lit_llm.backbone import ModelConfig, Transformer, VisionConfig, count_activ
 from lit_llm.backbone import vision as vision_mod
 from lit_llm.backbone.generate import generate, stream
 from lit_llm.backbone.vision import VisionTower, pixel_shuffle, vision_rope_angles
-from lit_llm.hf import export_hf, from_hf, import_hf, state_dict_to_hf, to_hf
+from lit_llm.formats.hf import export_hf, from_hf, import_hf, state_dict_to_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -190,7 +190,7 @@ def test_float64_tower_equals_hf_bit_for_bit():
 
 
 def hf_vision_names(model: Transformer) -> dict[str, str]:
-    from lit_llm.hf import _vision_names
+    from lit_llm.formats.llama4 import _vision_names
 
     return _vision_names(model.config.vision)
 
@@ -561,7 +561,7 @@ def test_unexpressible_vision_configs_are_refused():
     eps = dataclasses.replace(ours.config, vision=dataclasses.replace(ours.config.vision, norm_eps=1e-6))
     with pytest.raises(ValueError, match="norm_eps=1e-06"):
         to_hf(Transformer(eps))
-    from lit_llm.hf import config_from_hf
+    from lit_llm.formats.hf import config_from_hf
 
     bad = transformers.Llama4Config(
         text_config=TEXT, vision_config=dict(VISION, vision_output_dim=40)

@@ -3,7 +3,7 @@
 Convention: the "half split" layout used by Hugging Face Llama. For a head of width ``D`` the pair
 ``(x[i], x[i + D/2])`` is rotated by the angle ``position * inv_freq[i]``. (Meta's original code rotates
 adjacent pairs ``(x[2i], x[2i+1])``; the two are the same up to a fixed permutation of the q/k weights,
-which ``lit_llm/hf.py`` applies where a checkpoint uses the other layout.)
+which ``lit_llm/formats/hf.py`` applies where a checkpoint uses the other layout.)
 """
 
 from __future__ import annotations

@@ -61,13 +61,13 @@ def main(argv: Sequence[str]) -> None:
         return
     model, tok, _ = load_for_inference(a.ckpt)
     if a.format == "gguf":
-        from lit_llm.gguf_export import export_gguf
+        from lit_llm.formats.gguf import export_gguf
 
         out = export_gguf(model, tok, a.out, dtype=a.dtype or "f32", arch=a.arch)
     else:
         import torch
 
-        from lit_llm.hf import export_hf
+        from lit_llm.formats.hf import export_hf
 
         dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(a.dtype)
         out = export_hf(model, tok, a.out, arch=a.arch, dtype=dtype)
@@ -80,8 +80,9 @@ def _export_peft(ckpt: str, out: str, base_out: str | None, arch: str) -> None:
 
     from lit_llm.checkpoint import load_backbone, read_meta
     from lit_llm.errors import UserError
-    from lit_llm.hf import export_hf
-    from lit_llm.lora import adapters_disabled, export_peft
+    from lit_llm.formats.hf import export_hf
+    from lit_llm.formats.peft import export_peft
+    from lit_llm.lora import adapters_disabled
 
     info = read_meta(ckpt).get("lora")
     if not info:

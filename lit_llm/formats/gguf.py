@@ -44,7 +44,7 @@ import torch
 from lit_llm.backbone.config import ModelConfig
 from lit_llm.backbone.rope import inv_frequencies
 from lit_llm.errors import UserError
-from lit_llm.hf import _llama4_only, _llama_blockers, _permute_rows, _rope_permutation
+from lit_llm.formats.llama import _llama4_only, _llama_blockers, _permute_rows, _rope_permutation
 
 if TYPE_CHECKING:
     from lit_llm.backbone.model import Transformer
