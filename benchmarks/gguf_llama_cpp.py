@@ -82,7 +82,7 @@ def compare(
     t = tok.tok.id_to_token
     template = llm.metadata["tokenizer.chat_template"]
     formatter = Jinja2ChatFormatter(template, eos_token=t(tok.eos_id), bos_token=t(tok.bos_id))
-    stops = [tok.end_id, tok.eos_id]
+    stops = tok.stop_ids
     res: dict[str, Any] = {
         "n_prompts": n_prompts,
         "prompt_tokens_equal": 0,

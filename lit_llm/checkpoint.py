@@ -71,21 +71,39 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt[META_KEY]
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a lit_llm ``.ckpt``, of a Hugging Face folder, or a ``tokenizer.json``."""
+def load_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a lit_llm ``.ckpt``, of a Hugging Face folder, of a ``.gguf`` file, or a
+    ``tokenizer.json``; with ``chat_template`` (a Jinja file) in place of its own template."""
     if str(path).endswith(".ckpt"):
         tok = read_meta(path).get("tokenizer")
         if not tok:
             raise CheckpointError(f"{path} carries no tokenizer")
-        return Tokenizer.from_str(tok)
-    return Tokenizer.load(path)
+        tokenizer = Tokenizer.from_str(tok)
+    elif str(path).endswith(".gguf"):
+        from lit_llm.formats.gguf import import_gguf_tokenizer
+
+        tokenizer = import_gguf_tokenizer(path)
+    else:
+        tokenizer = Tokenizer.load(path)
+    return with_template_file(tokenizer, chat_template)
+
+
+def with_template_file(tokenizer: Tokenizer, chat_template: str | os.PathLike | None) -> Tokenizer:
+    """``tokenizer`` with the chat template read from the Jinja file ``chat_template`` (itself when ``None``)."""
+    if chat_template is None:
+        return tokenizer
+    file = Path(chat_template)
+    if not file.is_file():
+        raise FileNotFoundError(f"chat template file not found: {file}")
+    return tokenizer.with_chat_template(file.read_text(encoding="utf-8"))
 
 
 def load_backbone(
     path: str | os.PathLike, base: str | os.PathLike | None = None, keep_adapters: bool = False
 ) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
     """The backbone, tokenizer and metadata stored in a lit_llm checkpoint (read with ``weights_only``),
-    or in a Hugging Face Llama / Llama 4 folder (``config.json`` + safetensors, e.g. from ``lit-llm export``).
+    or in a Hugging Face folder (``config.json`` + safetensors, from the Hub or ``lit-llm export``) or a
+    ``.gguf`` file, each with the tokenizer and chat template it ships (``stage`` ``hf``).
 
     A LoRA run's checkpoint holds only the adapters (and what else was trained) and names its base
     (``meta["lora"]["base"]``: the base checkpoint's path and :func:`lit_llm.lora.base_fingerprint`); the base
@@ -102,14 +120,8 @@ def load_backbone(
         keep_adapters: For an adapter checkpoint: return the model with its (unmerged) ``LoRALinear``
             layers, as :func:`lit_llm.formats.peft.export_peft` wants it.
     """
-    if Path(path).is_dir():
-        from lit_llm.formats.hf import import_hf
-
-        if not (Path(path) / "config.json").is_file():
-            raise CheckpointError(f"{path} is a folder without config.json: not a Hugging Face model folder")
-        model, tok = import_hf(path)
-        if tok is None:
-            raise CheckpointError(f"{path}: its tokenizer lacks lit_llm's special tokens; stages need them")
+    if Path(path).is_dir() or str(path).endswith(".gguf"):
+        model, tok = import_pretrained(path)
         return model.train(), tok, {"stage": "hf", "model_config": model.config.to_dict()}
     ckpt = load_checkpoint(path)
     if META_KEY not in ckpt:
@@ -176,6 +188,29 @@ def _load_adapter(
         fold_lora(model)
     model.requires_grad_(True)
     return model.train(), Tokenizer.from_str(meta["tokenizer"]), meta
+
+
+def import_pretrained(path: str | os.PathLike) -> tuple[Transformer, Tokenizer]:
+    """A model from outside lit_llm: a Hugging Face folder or a GGUF file, with the tokenizer it ships."""
+    from lit_llm.formats.gguf import import_gguf
+    from lit_llm.formats.hf import import_hf
+
+    try:
+        if str(path).endswith(".gguf"):
+            return import_gguf(path)
+        if not (Path(path) / "config.json").is_file():
+            raise CheckpointError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        model, tok = import_hf(path)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # a family or config we cannot express, weights that do not fit
+        raise CheckpointError(str(err)) from None
+    if tok is None:
+        raise CheckpointError(
+            f"{path} has no tokenizer.json: copy the model's tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, ...) into the folder"
+        )
+    return model, tok
 
 
 # stages whose checkpoints hold a chat policy (``hf``: an exported folder)

@@ -60,20 +60,34 @@ NOSYSTEM_TEMPLATE = (
 )
 
 # Per family: special tokens placed before the BPE vocabulary (ids 0, 1, ...), special tokens appended
-# after it, the tokenizer_config roles, the generation stop tokens, the chat template and the RoPE base.
+# after it, the tokenizer_config roles and extra special tokens, the generation stop tokens, the chat
+# template and the RoPE base.
 FAMILIES = {
     "chatml": dict(
         leading=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         trailing=[],
-        roles=dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"),
+        roles=dict(
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+            pad_token="<|im_end|>",
+            unk_token="<|endoftext|>",
+        ),
+        extra=["<|im_start|>", "<|im_end|>"],
         stop=["<|im_end|>"],
         template=CHATML_TEMPLATE,
         rope_theta=100000.0,
     ),
     "llama3": dict(
         leading=[],
-        trailing=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        trailing=[
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
         roles=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
+        extra=[],  # as Llama 3 ships it: the header tokens are special only in tokenizer.json
         stop=["<|end_of_text|>", "<|eot_id|>"],
         template=LLAMA3_TEMPLATE,
         rope_theta=500000.0,
@@ -82,6 +96,7 @@ FAMILIES = {
         leading=["<pad>", "<eos>", "<bos>"],
         trailing=["<start_of_turn>", "<end_of_turn>"],
         roles=dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"),
+        extra=["<start_of_turn>", "<end_of_turn>"],
         stop=["<eos>", "<end_of_turn>"],
         template=NOSYSTEM_TEMPLATE,
         rope_theta=10000.0,
@@ -129,7 +144,7 @@ def _corpus_lines() -> list[str]:
     return [line for line in CORPUS.splitlines() if line.strip()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(template: str) -> str:
     """The serialized ``tokenizers.Tokenizer`` of ``template`` (trained once per process)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -162,7 +177,7 @@ def _tokenizer_json(template: str) -> str:
     return tok.to_str()
 
 
-def make_tokenizer(template: str = "chatml"):
+def make_tokenizer(template: str = "chatml", model_max_length: int | None = None):
     """A fresh ``PreTrainedTokenizerFast`` of ``template`` (not saved anywhere)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -173,6 +188,8 @@ def make_tokenizer(template: str = "chatml"):
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(template)),
         chat_template=fam["template"],
+        extra_special_tokens=list(fam["extra"]),
+        **({} if model_max_length is None else {"model_max_length": model_max_length}),
         **fam["roles"],
     )
 
@@ -202,8 +219,8 @@ def make_hf_llama(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fam = FAMILIES.get(template)
-    tok = make_tokenizer(template)  # raises on an unknown template
+    tok = make_tokenizer(template, model_max_length=max_position_embeddings)  # raises on unknown template
+    fam = FAMILIES[template]
     bos = tok.convert_tokens_to_ids(fam["roles"]["bos_token"])
     stop = [tok.convert_tokens_to_ids(t) for t in fam["stop"]]
     eos = stop[0] if len(stop) == 1 else stop

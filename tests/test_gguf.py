@@ -314,7 +314,7 @@ def test_tokenizer_round_trips_through_the_file(tmp_path, bpe):
     assert types[:7] == [int(gguf.TokenType.CONTROL)] * 7
     assert set(types[7:400]) == {int(gguf.TokenType.NORMAL)}
     assert set(types[400:]) == {int(gguf.TokenType.UNUSED)}
-    assert merges == [" ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    assert merges == [" ".join(m) for m in json.loads(bpe.tok.to_str())["model"]["merges"]]
     ids = {k: _field(r, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "padding")}
     assert ids == {"bos": bpe.bos_id, "eos": bpe.eos_id, "eot": bpe.end_id, "padding": bpe.pad_id}
     assert _field(r, "tokenizer.ggml.add_bos_token") is False

@@ -208,7 +208,12 @@ def test_export_from_pretrained_import_round_trip(tmp_path, tokenizer, preset, t
     ids = tokenizer.encode(text)
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     assert hf_tok.decode(ids) == tokenizer.decode(ids)
-    assert hf_tok.pad_token_id == tokenizer.pad_id and hf_tok.eos_token_id == tokenizer.end_id
+    assert hf_tok.pad_token_id == tokenizer.pad_id and hf_tok.eos_token_id == tokenizer.eos_id
+    # generate stops at the end-of-turn token too: the generation config lists every stop id
+    assert hf.generation_config.eos_token_id == [tokenizer.end_id, tokenizer.eos_id]
+    msgs = [{"role": "user", "content": "Who has cats?"}, {"role": "assistant", "content": "Bob"}]
+    want_ids = tokenizer.render_chat(msgs)[0]
+    assert list(hf_tok.apply_chat_template(msgs, tokenize=True, return_dict=False)) == want_ids
     x = torch.tensor([ids])
     with torch.no_grad():
         want = model(x)

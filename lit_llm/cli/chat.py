@@ -99,7 +99,7 @@ def main(argv: Sequence[str]) -> None:
                 continue
         ids = ids[-budget:]  # forget the oldest turns when the conversation outgrows the context
         sys.stdout.write("assistant> ")
-        stops = [tok.end_id, tok.eos_id]
+        stops = tok.stop_ids
         try:
             tokens = stream(
                 model,

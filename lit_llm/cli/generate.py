@@ -48,7 +48,7 @@ def main(argv: Sequence[str]) -> None:
         else:
             ids = tok.encode(a.prompt) + placeholder
     else:
-        ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt)
+        ids = tok.prompt_ids(a.prompt) if a.chat else tok.encode(a.prompt, bos=tok.adds_bos)
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens")
     gen = torch.Generator().manual_seed(a.seed)
@@ -61,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
         a.temperature,
         a.top_k,
         a.top_p,
-        [tok.end_id, tok.eos_id],
+        tok.stop_ids,
         gen,
         COMPILE[a.compile],
         images=images,

@@ -72,6 +72,8 @@ class RecordDataModule(LightningDataModule):
             tinyworld's exact-answer check by default on tinyworld, none elsewhere.
         seed: Seed of the tinyworld generator.
         num_workers: DataLoader workers.
+        chat_template: A Jinja file to use instead of the tokenizer's own chat template (needed for a base
+            model that ships none); the stage adopts this tokenizer, so its checkpoints carry the template.
     """
 
     kind = "records"
@@ -86,8 +88,10 @@ class RecordDataModule(LightningDataModule):
         gold_fn: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
+        self.chat_template = chat_template
         self.source, self.tokenizer_path, self.batch_size = source, tokenizer, batch_size
         self.val_fraction, self.skip_bad_records, self.seed = val_fraction, skip_bad_records, seed
         self.num_workers = num_workers
@@ -110,7 +114,7 @@ class RecordDataModule(LightningDataModule):
                     "this stage needs the tokenizer of the model it starts from: set --model.init_from to a "
                     "checkpoint (the CLI passes it on as --data.tokenizer) or --data.tokenizer to a tokenizer.json"
                 )
-            self._tokenizer = load_tokenizer(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path, self.chat_template)
         return self._tokenizer
 
     @property

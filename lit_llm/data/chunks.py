@@ -179,7 +179,7 @@ class ChunkedTextDataModule(LightningDataModule):
             )
         train, val = self._files()
         litdata = _litdata()
-        fn = _TokenizeFile(self.tokenizer.to_str(), self.text_field)
+        fn = _TokenizeFile(self.tokenizer.tok.to_str(), self.text_field)
         for split, inputs in (("train", train), ("val", val)):
             if self._optimized(split):
                 continue

@@ -175,6 +175,7 @@ class PreferenceDataModule(RecordDataModule):
             and scored by ``gold_fn`` at each validation of a stage that asks for them (DPO).
         seed: Seed of the tinyworld generator.
         num_workers: DataLoader workers.
+        chat_template: A Jinja file replacing the tokenizer's chat template (see ``RecordDataModule``).
     """
 
     kind = "pairs"
@@ -195,9 +196,18 @@ class PreferenceDataModule(RecordDataModule):
         tinyworld_eval: int = 100,
         seed: int = 0,
         num_workers: int = 0,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__(
-            source, tokenizer, batch_size, val_fraction, skip_bad_records, gold_fn, seed, num_workers
+            source,
+            tokenizer,
+            batch_size,
+            val_fraction,
+            skip_bad_records,
+            gold_fn,
+            seed,
+            num_workers,
+            chat_template,
         )
         if not 0.0 <= tinyworld_wrong_person <= 1.0:
             raise ValueError(f"tinyworld_wrong_person must be in [0, 1], got {tinyworld_wrong_person}")

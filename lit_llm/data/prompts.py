@@ -28,6 +28,7 @@ class PromptDataModule(RecordDataModule):
         gold_fn: Scorer ``"module:function"`` of replies, ``(record, reply) -> float``, logged (never
             optimised unless also the stage's ``reward_fn``); tinyworld's exact-answer check by default there.
         seed: Seed of the tinyworld generator.
+        chat_template: A Jinja file replacing the tokenizer's chat template (see ``RecordDataModule``).
     """
 
     kind = "prompts"
@@ -44,8 +45,11 @@ class PromptDataModule(RecordDataModule):
         skip_bad_records: bool = False,
         gold_fn: str | None = None,
         seed: int = 0,
+        chat_template: str | None = None,
     ) -> None:
-        super().__init__(source, tokenizer, batch_size, val_fraction, skip_bad_records, gold_fn, seed)
+        super().__init__(
+            source, tokenizer, batch_size, val_fraction, skip_bad_records, gold_fn, seed, 0, chat_template
+        )
         self.train_prompts, self.val_prompts, self.val_split = train_prompts, val_prompts, val_split
 
     @property

@@ -110,6 +110,7 @@ class SFTDataModule(RecordDataModule):
         tinyworld_eval: Held-out prompts scored by ``gold_fn`` (greedy generation) at each validation.
         seed: Seed of the tinyworld generator.
         num_workers: DataLoader workers.
+        chat_template: A Jinja file replacing the tokenizer's chat template (see ``RecordDataModule``).
     """
 
     kind = "conversations"
@@ -132,9 +133,18 @@ class SFTDataModule(RecordDataModule):
         tinyworld_eval: int = 100,
         seed: int = 0,
         num_workers: int = 0,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__(
-            source, tokenizer, batch_size, val_fraction, skip_bad_records, gold_fn, seed, num_workers
+            source,
+            tokenizer,
+            batch_size,
+            val_fraction,
+            skip_bad_records,
+            gold_fn,
+            seed,
+            num_workers,
+            chat_template,
         )
         self.format, self.seq_len, self.pack, self.too_long = format, seq_len, pack, too_long
         self.system_prompt = system_prompt

@@ -248,7 +248,7 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
         UserError: if the tokenizer is not a byte-level BPE with the GPT-2 split (a character tokenizer),
             which llama.cpp's ``gpt2`` tokenizer model would not reproduce.
     """
-    spec = json.loads(tokenizer.to_str())
+    spec = json.loads(tokenizer.tok.to_str())
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     byte_level = (
         pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
@@ -276,26 +276,12 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[i
 
 
 def chat_template(tokenizer: Tokenizer) -> str:
-    """Our chat format (``Tokenizer.render_chat``) as a Jinja chat template.
+    """The tokenizer's own chat template (Jinja), as llama.cpp renders it: lit_llm's format
+    (``LIT_LLM_TEMPLATE``) for a tokenizer trained here, the model's template for a real model's tokenizer.
 
-    ``<|bos|>``, then per message ``<|role|>content<|end|>``, then ``<|assistant|>`` when a generation prompt
-    is asked for. llama.cpp tokenizes the rendered text with special tokens parsed, which encodes each
-    message's content on its own between the special tokens, exactly as ``render_chat`` does.
+    llama.cpp tokenizes the rendered text with special tokens parsed, exactly as ``render_chat`` does.
     """
-    t = tokenizer.tok.id_to_token
-    bos, end = t(tokenizer.bos_id), t(tokenizer.end_id)
-    roles = {r: t(i) for r, i in tokenizer.role_ids.items()}
-    checks = " and ".join(f"message['role'] != '{r}'" for r in roles)
-    return (
-        f"{{{{- '{bos}' -}}}}"
-        "{%- for message in messages -%}"
-        f"{{%- if {checks} -%}}"
-        f"{{{{- raise_exception('roles must be one of {', '.join(roles)}') -}}}}"
-        "{%- endif -%}"
-        f"{{{{- '<|' + message['role'] + '|>' + message['content'] + '{end}' -}}}}"
-        "{%- endfor -%}"
-        f"{{%- if add_generation_prompt -%}}{{{{- '{roles['assistant']}' -}}}}{{%- endif -%}}"
-    )
+    return tokenizer.require_template().source
 
 
 # ------------------------------------------------------------------------------------------------ file
@@ -329,11 +315,13 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) ->
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(tokenizer.bos_id)
-    w.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.bos_id is not None:
+        w.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.eos_id is not None:
+        w.add_eos_token_id(tokenizer.eos_id)
     w.add_eot_token_id(tokenizer.end_id)
     w.add_pad_token_id(tokenizer.pad_id)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(tokenizer.adds_bos)
     w.add_add_eos_token(False)
     w.add_chat_template(chat_template(tokenizer))
 
@@ -395,3 +383,108 @@ def export_gguf(
 
 
 _ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "llama4": gguf.MODEL_ARCH.LLAMA4}
+
+
+# ------------------------------------------------------------------------------------------------ import
+# types the ``gguf`` library dequantises (besides plain floats); llama.cpp's newer ones may be missing
+_PLAIN = {Q.F32, Q.F16, Q.BF16}
+
+
+def _dequantisable() -> set[Any]:
+    traits = getattr(gguf.quants, "_type_traits", {})
+    return _PLAIN | set(traits)
+
+
+def check_gguf(path: str | os.PathLike) -> str:
+    """The architecture of a GGUF file, refusing one we cannot run or whose tensor types the ``gguf`` library
+    cannot dequantise, before anything is loaded.
+
+    Raises:
+        UserError: naming the architecture or the quantisation types.
+    """
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else "?"
+    if arch != "llama":
+        raise UserError(
+            f"{path}: GGUF architecture {arch!r} is not one we load (llama: Llama, Llama 3, SmolLM, "
+            "TinyLlama); convert the original Hugging Face folder instead"
+        )
+    types = {Q(t.tensor_type) for t in reader.tensors}
+    bad = sorted(t.name for t in types - _dequantisable())
+    if bad:
+        raise UserError(
+            f"{path}: the gguf library cannot dequantise tensor type(s) {bad}; use a file quantised as Q8_0, "
+            "Q4_0/Q4_1, a K-quant, or float"
+        )
+    return arch
+
+
+def import_gguf(path: str | os.PathLike) -> tuple[Transformer, Tokenizer]:
+    """A GGUF file (llama.cpp's ``llama`` architecture, any quantisation the ``gguf`` library dequantises) as
+    our float32 ``Transformer`` and its tokenizer with the file's chat template.
+
+    The file is read by ``transformers``' GGUF loader (which dequantises with the ``gguf`` library, undoes
+    llama.cpp's RoPE row permutation and rebuilds ``tokenizer.json`` from the vocabulary and merges); nothing
+    here parses GGUF by hand. Needs ``transformers`` (``pip install -e ".[dev]"``).
+    """
+    from lit_llm.formats.hf import from_hf_state
+
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {target}")
+    check_gguf(target)
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(
+            "reading a GGUF file needs transformers: pip install transformers (or the project's [dev] extra)"
+        ) from None
+
+    from lit_llm.formats.hf import config_from_hf
+
+    folder, name = str(target.parent), target.name
+    with warnings_quiet():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = import_gguf_tokenizer(target, hf.generation_config)
+    config = config_from_hf(hf.config)
+    model = from_hf_state(hf.state_dict(), config, hf.config.model_type, target)
+    return model.eval(), tokenizer
+
+
+def import_gguf_tokenizer(path: str | os.PathLike, generation_config: Any = None) -> Tokenizer:
+    """The tokenizer of a GGUF file (``tokenizer.json`` rebuilt by ``transformers``, the file's chat template)."""
+    import tempfile
+
+    import transformers
+
+    from lit_llm.tokenizer import Tokenizer
+    from lit_llm.tokenizer.files import read_tokenizer_files
+
+    target = Path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {target}")
+    with warnings_quiet():
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_tok.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        return Tokenizer.from_files(read_tokenizer_files(tmp))
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    """transformers' progress bars and notes while it converts a GGUF file are not the user's concern."""
+    import warnings
+
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)

@@ -82,28 +82,61 @@ def state_dict_to_hf(
     return state_dict_to_hf_llama4(state, config)
 
 
-def config_from_hf(hf_config: Any) -> ModelConfig:
-    """Our config for a Hugging Face Llama or Llama 4 text config (object or dict), by ``model_type``."""
-    c = _config_dict(hf_config)
+# The architecture families we read, by Hugging Face ``model_type``: (config mapping, state-dict mapping). The
+# export side dispatches on our config (``hf_arch``); both sides live in the family modules.
+FAMILIES: dict[str, tuple[Any, Any]] = {
+    "llama": (config_from_hf_llama, state_dict_from_hf_llama),
+    "llama4_text": (config_from_hf_llama4, state_dict_from_hf_llama4),
+    "llama4": (config_from_hf_llama4_vision, state_dict_from_hf_llama4_vision),
+}
+# Families we refuse, with what of theirs our backbone cannot express (add one with a parity test to lift it).
+UNSUPPORTED: dict[str, str] = {
+    "qwen2": "attention biases on q_proj / k_proj / v_proj (Qwen2 always has them; our attention has none)",
+    "qwen2_moe": "attention biases on q_proj / k_proj / v_proj and Qwen's shared-expert gate",
+    "qwen3": "per-head RMSNorm with weights on queries and keys (q_norm / k_norm) before RoPE",
+    "gemma": "embeddings scaled by sqrt(hidden_size), RMSNorm weights stored as (w - 1), and GeGLU "
+    "(hidden_activation gelu_pytorch_tanh)",
+    "gemma2": "logit soft-capping (final_logit_softcapping, attn_logit_softcapping), sandwich norms, GeGLU",
+    "gemma3": "sandwich norms, per-head query/key norms, GeGLU and two RoPE bases (local / global layers)",
+    "gemma3_text": "sandwich norms, per-head query/key norms, GeGLU and two RoPE bases (local / global layers)",
+    "mistral": "sliding_window attention (the backbone has a sliding window, but this mapping has no "
+    "parity test yet)",
+    "mixtral": "softmax top-2 routing over 8 experts (block_sparse_moe) and a sliding window",
+    "phi": "LayerNorm, partial rotary embeddings (partial_rotary_factor), parallel attention + MLP, biases",
+    "phi3": "fused qkv_proj and gate_up_proj weights (a split would be exact, but is not written yet) and "
+    "longrope scaling",
+    "gpt2": "LayerNorm, GELU, learned positions and biases (the gpt2-char-baby preset is that flavour, but no "
+    "mapping to GPT2LMHeadModel exists)",
+}
+
+
+def _family(c: dict[str, Any]) -> str:
     kind = c.get("model_type")
-    if kind == "llama":
-        return config_from_hf_llama(c)
     if kind == "llama4" or "vision_config" in c:
-        return config_from_hf_llama4_vision(c)
-    if kind == "llama4_text":
-        return config_from_hf_llama4(c)
-    raise ValueError(f"cannot convert model_type={kind!r} (supported: llama, llama4_text, llama4)")
+        return "llama4"
+    if kind in FAMILIES:
+        return kind
+    reason = UNSUPPORTED.get(kind)
+    if reason is not None:
+        raise ValueError(f"cannot load model_type={kind!r}: our backbone cannot express its {reason}")
+    raise ValueError(
+        f"cannot load model_type={kind!r} (architectures {c.get('architectures')}): supported are "
+        f"{', '.join(FAMILIES)} (Llama, Llama 3, SmolLM, TinyLlama, Llama 4)"
+    )
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    """Our config for a Hugging Face config (object or ``config.json`` dict) of a family in ``FAMILIES``;
+    any other family is refused, naming what we cannot express."""
+    c = _config_dict(hf_config)
+    return FAMILIES[_family(c)][0](c)
 
 
 def state_dict_from_hf(
     hf_state: dict[str, torch.Tensor], config: ModelConfig, model_type: str
 ) -> dict[str, torch.Tensor]:
     """A Hugging Face state dict of ``model_type`` (``llama`` / ``llama4_text`` / ``llama4``) in our names."""
-    if model_type == "llama":
-        return state_dict_from_hf_llama(hf_state, config)
-    if model_type == "llama4":
-        return state_dict_from_hf_llama4_vision(hf_state, config)
-    return state_dict_from_hf_llama4(hf_state, config)
+    return FAMILIES[_family({"model_type": model_type})][1](hf_state, config)
 
 
 def from_hf(hf_model: Any) -> Transformer:
@@ -189,7 +222,7 @@ def export_hf(
             )
         special = {
             "bos_token_id": tokenizer.bos_id,
-            "eos_token_id": [tokenizer.end_id, tokenizer.eos_id],
+            "eos_token_id": tokenizer.stop_ids,
             "pad_token_id": tokenizer.pad_id,
         }
         if config.vision is not None:
@@ -205,8 +238,12 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     texts = {"config.json": json.dumps(values, indent=2) + "\n"}
     if tokenizer is not None:
-        texts["tokenizer.json"] = tokenizer.to_str()
-        texts.update(tokenizer.hf_files())
+        # the model's own tokenizer files as they were read (its chat template included), and a generation
+        # config whose eos_token_id lists every stop id, so that transformers' generate stops where we do
+        texts.update(tokenizer.export_files())
+        generation = json.loads(texts.get("generation_config.json", "{}"))
+        generation.update({k: v for k, v in special.items() if k.endswith("_token_id") and v is not None})
+        texts["generation_config.json"] = json.dumps(generation, indent=2) + "\n"
     # all files written to temp files first, then renamed into place: an interrupted or failed export never
     # leaves a truncated file, nor new weights beside an old config, and an existing export stays whole
     items = [(tensors, out / "model.safetensors", lambda t, f: f.write(save(t, metadata={"format": "pt"})))]
@@ -233,29 +270,52 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def import_hf(
     path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
-    """Load a Hugging Face Llama / Llama 4 (text or with images) folder as our ``Transformer`` (and tokenizer).
+    """Load a Hugging Face folder of a family in ``FAMILIES`` as our ``Transformer``, with its tokenizer.
 
     Args:
-        path: A folder with ``config.json`` and ``model.safetensors`` (or a sharded safetensors index).
-        dtype: Cast the model to this dtype (default: float32).
+        path: A folder with ``config.json`` and ``model.safetensors`` (or a sharded safetensors index), and
+            normally ``tokenizer.json`` with its ``tokenizer_config.json`` / ``chat_template.jinja`` /
+            ``generation_config.json``.
+        dtype: Cast the model to this dtype (default: as stored, float32 for a float16 folder).
 
     Returns:
-        The model (eval mode) and the folder's tokenizer when it is a lit_llm tokenizer (one holding our
-        special tokens), else ``None``.
+        The model (eval mode) and the folder's tokenizer (``None`` when the folder has no ``tokenizer.json``).
+
+    Raises:
+        FileNotFoundError: Without ``config.json`` or weights.
+        ValueError: For a family or config we cannot express (naming it), or weights that do not fit.
     """
     from lit_llm.tokenizer import Tokenizer
 
     folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config = config_from_hf(values)
-    model = Transformer(config)
-    model.load_state_dict(state_dict_from_hf(_read_weights(folder), config, values["model_type"]))
+    model = from_hf_state(_read_weights(folder), config, values["model_type"], folder)
     if dtype is not None:
         model = model.to(dtype)
-    tokenizer = None
-    if (folder / "tokenizer.json").exists():
-        try:
-            tokenizer = Tokenizer.load(folder)
-        except ValueError:  # a foreign tokenizer without our special tokens
-            tokenizer = None
+    tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+            f"{config.vocab_size} rows: the tokenizer is not this model's"
+        )
     return model.eval(), tokenizer
+
+
+def from_hf_state(
+    hf_state: dict[str, torch.Tensor], config: ModelConfig, model_type: str, where: Any
+) -> Transformer:
+    """Our ``Transformer`` holding a Hugging Face state dict (half precision read as float32), with a clear
+    error for weights that do not fit the config."""
+    try:
+        state = state_dict_from_hf(hf_state, config, model_type)
+    except KeyError as err:
+        raise ValueError(f"{where}: the weights lack {err}, which config.json implies") from None
+    model = Transformer(config)
+    try:
+        model.load_state_dict({k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()})
+    except RuntimeError as err:
+        raise ValueError(f"{where}: the weights do not fit config.json: {str(err)[:300]}") from None
+    return model

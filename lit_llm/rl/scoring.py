@@ -140,7 +140,7 @@ def sample_replies(
         temperature,
         top_k,
         top_p,
-        stop_tokens=[tok.end_id, tok.eos_id],
+        stop_tokens=tok.stop_ids,
         pad_id=tok.pad_id,
         generator=generator,
     )
@@ -148,7 +148,7 @@ def sample_replies(
     # clone: generate() runs in inference mode, and autograd may not save inference tensors
     seq, valid, P = out.sequences.clone(), out.valid.clone(), out.prompt_len
     resp = seq[:, P:]
-    ended = torch.isin(resp, torch.tensor([tok.end_id, tok.eos_id], device=resp.device)).any(-1)
+    ended = torch.isin(resp, torch.tensor(tok.stop_ids, device=resp.device)).any(-1)
     return Samples(
         seq=seq,
         valid=valid,

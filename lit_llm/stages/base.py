@@ -96,10 +96,11 @@ class Stage(LightningModule):
         if init_from is not None:
             self.model, self.tokenizer, _ = load_backbone(init_from)
             cfg = self.model.config
-            if vocab_size is not None and vocab_size != cfg.vocab_size:
+            # a real model's embedding may have more rows than its tokenizer has tokens, never fewer
+            if vocab_size is not None and vocab_size > cfg.vocab_size:
                 raise CheckpointError(
-                    f"the data's tokenizer has {vocab_size} tokens but {init_from} was trained with "
-                    f"{cfg.vocab_size}: use the checkpoint's tokenizer (data.tokenizer={init_from})"
+                    f"the data's tokenizer has {vocab_size} tokens but {init_from} has only {cfg.vocab_size} "
+                    f"embedding rows: use the checkpoint's tokenizer (data.tokenizer={init_from})"
                 )
             if block_size is not None and block_size > cfg.block_size and cfg.pos == "learned":
                 raise CheckpointError(
@@ -156,7 +157,15 @@ class Stage(LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if self.tokenizer is None and dm is not None and hasattr(dm, "tokenizer"):
             self.tokenizer = dm.tokenizer
-        if self.tokenizer is not None and self.tokenizer.vocab_size != self.config.vocab_size:
+        elif getattr(dm, "chat_template", None) and self.tokenizer is not None:
+            # --data.chat_template: the same vocabulary with another template; checkpoints carry the new one
+            if dm.tokenizer.tok.to_str() != self.tokenizer.tok.to_str():
+                raise CheckpointError("--data.tokenizer is not the tokenizer of --model.init_from")
+            self.tokenizer = dm.tokenizer
+        if self.tokenizer is not None and (
+            self.tokenizer.vocab_size > self.config.vocab_size
+            or (self.hparams.get("init_from") is None and self.tokenizer.vocab_size != self.config.vocab_size)
+        ):
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens, model has vocab_size={self.config.vocab_size}"
             )
@@ -194,7 +203,7 @@ class Stage(LightningModule):
         if (
             meta.get("tokenizer")
             and self.tokenizer is not None
-            and meta["tokenizer"] != self.tokenizer.to_str()
+            and Tokenizer.from_str(meta["tokenizer"]).to_str() != self.tokenizer.to_str()
         ):
             raise CheckpointError(
                 "checkpoint was written with a different tokenizer than this run's data uses"

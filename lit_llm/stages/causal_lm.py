@@ -87,7 +87,7 @@ class CausalLM(Stage):
             self.model,
             [tok.encode(p) for p in texts],
             max_new_tokens,
-            stop_tokens=[tok.eos_id],
+            stop_tokens=[tok.eos_id] if tok.eos_id is not None else [],
             pad_id=tok.pad_id,
         )
         return [(p, tok.decode(r)) for p, r in zip(texts, out.response_lists())]

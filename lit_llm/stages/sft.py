@@ -147,7 +147,7 @@ class SFTModule(Stage):
                 self.model,
                 [e["input_ids"][: e["prompt_len"]] for e in examples],
                 max_new_tokens,
-                stop_tokens=[tok.end_id, tok.eos_id],
+                stop_tokens=tok.stop_ids,
                 pad_id=tok.pad_id,
                 images=normalize(torch.cat([e["tiles"] for e in examples])).to(self.device),
             )
