@@ -81,6 +81,15 @@ EXPECTED = {
         [LR, (SAMPLES, 0)],
         {"limit_train_batches": 60, "gradient_clip_val": None, "num_sanity_val_steps": 0},
     ),
+    "sft/smollm2-tinyworld.yaml": ("sft-smollm2", "sft-smollm2", [LR, (SAMPLES, 0)], {"max_steps": 200}),
+    "sft/smollm2-alpaca.yaml": ("sft-smollm2-alpaca", "sft-smollm2-alpaca", [LR], {"max_steps": 200}),
+    "dpo/smollm2-tinyworld.yaml": ("dpo-smollm2", "dpo-smollm2", [LR], {"max_steps": 100}),
+    "grpo/smollm2-tinyworld.yaml": (
+        "grpo-smollm2",
+        "grpo-smollm2",
+        [LR],
+        {"limit_train_batches": 20, "gradient_clip_val": None, "num_sanity_val_steps": 0},
+    ),
     "grpo/tinyworld-rm.yaml": (
         "grpo-rm",
         "grpo-rm",
