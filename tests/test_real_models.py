@@ -141,6 +141,33 @@ def test_a_tokenizer_without_a_template_says_how_to_pass_one(folders, tmp_path):
     )
 
 
+def test_generate_and_chat_take_a_chat_template_file(folders, tmp_path, capsys, monkeypatch):
+    """A base model without a template chats with ``--chat_template FILE``: the same reply as the same weights
+    with that template built in; without one the command says how to pass it."""
+    from lit_llm.cli import main
+
+    folder = tmp_path / "base"
+    shutil.copytree(folders["chatml"], folder)
+    (folder / "chat_template.jinja").unlink()
+    template = tmp_path / "t.jinja"
+    template.write_text((folders["chatml"] / "chat_template.jinja").read_text())
+    # sampled (seeded): a random model's greedy reply is blank space, which would prove nothing
+    args = ["--prompt", "Hi", "--max_new_tokens", "8", "--temperature", "1"]
+    with pytest.raises(ChatTemplateError, match="--chat_template FILE"):
+        main(["generate", "--ckpt", str(folder), "--chat", *args])
+    capsys.readouterr()
+    main(["generate", "--ckpt", str(folders["chatml"]), "--chat", *args])
+    built_in = capsys.readouterr().out
+    main(["generate", "--ckpt", str(folder), "--chat", "--chat_template", str(template), *args])
+    assert capsys.readouterr().out == built_in
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Hi\n"))
+    main(["chat", "--ckpt", str(folder), "--chat_template", str(template), *args[2:]])
+    reply = built_in.split("\n", 1)[1].strip()
+    assert len(reply) > 3 and reply in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="chat template file not found"):
+        main(["chat", "--ckpt", str(folder), "--chat_template", str(tmp_path / "missing.jinja")])
+
+
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_logits_and_greedy_decoding_equal_transformers(folders, template):
     from lit_llm.backbone.generate import generate
@@ -269,6 +296,28 @@ def test_lora_sft_from_a_hf_folder_then_grpo_and_chat(folders, tmp_path, monkeyp
     capsys.readouterr()
     main(["generate", "--ckpt", str(ckpt), "--chat", "--prompt", "Hi", "--max_new_tokens", "3"])
     assert capsys.readouterr().out.startswith("Hi\n")
+
+
+@pytest.mark.slow
+def test_pipeline_from_a_pretrained_folder_skips_pretraining(folders, tmp_path, capsys):
+    """``lit-llm pipeline --init_from FOLDER``: LoRA SFT on the folder's model and template, GRPO from it, and the
+    summary's gold scores of both, with no pretraining stage."""
+    from lit_llm.cli import main
+
+    folder = folders["llama3"]
+    main(["pipeline", "--workdir", str(tmp_path), "--fast", "--init_from", str(folder), "--align", "grpo"])
+    rows = json.loads((tmp_path / "checkpoints/pipeline_summary.json").read_text())
+    assert set(rows["minutes"]) == {"sft", "grpo"} and rows["init_from"] == str(folder)
+    assert not (tmp_path / "checkpoints/pretrain").exists()
+    out = capsys.readouterr().out
+    assert f"from {folder}" in out and "grpo" in out
+    for stage in ("sft", "grpo"):
+        model, tok, meta = load_backbone(tmp_path / f"checkpoints/{stage}/last.ckpt")
+        assert meta["stage"] == stage and tok.to_str() == Tokenizer.load(folder).to_str()
+        assert 0.0 <= rows[f"{stage}_gold"] <= 1.0
+    assert meta["lora"] is not None
+    with pytest.raises(FileNotFoundError, match="--init_from"):
+        main(["pipeline", "--workdir", str(tmp_path), "--init_from", str(tmp_path / "none")])
 
 
 def test_export_of_a_real_model_keeps_its_tokenizer_files(folders, tmp_path):

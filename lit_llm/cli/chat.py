@@ -10,6 +10,7 @@ from lit_llm.cli.common import (
     COMPILE,
     add_image_args,
     add_sampling_args,
+    add_template_arg,
     check_sampling_args,
     load_image_input,
     stream_text,
@@ -33,15 +34,17 @@ def main(argv: Sequence[str]) -> None:
         "turns), for a model trained on one question per conversation such as configs/vision/shapes.yaml",
     )
     add_sampling_args(p, max_new_tokens=None)
+    add_template_arg(p)
     add_image_args(p)
     a = p.parse_args(argv)
     import torch
 
     from lit_llm.backbone.generate import stream
-    from lit_llm.checkpoint import CHAT_STAGES, load_for_inference
+    from lit_llm.checkpoint import CHAT_STAGES, load_for_inference, with_template_file
 
     check_sampling_args(a)
     model, tok, meta = load_for_inference(a.ckpt, a.precision, CHAT_STAGES, base=a.base)
+    tok = with_template_file(tok, a.chat_template)
     # a small model's context (the image config's is 80) must hold the prompt too
     if a.max_new_tokens is None:
         a.max_new_tokens = min(128, model.config.block_size // 2)

@@ -60,6 +60,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None) ->
     )
 
 
+def add_template_arg(p: argparse.ArgumentParser) -> None:
+    """``--chat_template FILE``: a Jinja chat template in place of the model's own (or for a model without one)."""
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file used instead of the model's own (for a base model without one, or "
+        "to try another); rendered as transformers' apply_chat_template renders it",
+    )
+
+
 def add_image_args(p: argparse.ArgumentParser) -> None:
     """``--image`` (and its tiling) for a model with a vision tower."""
     p.add_argument(

@@ -10,6 +10,7 @@ from lit_llm.cli.common import (
     COMPILE,
     add_image_args,
     add_sampling_args,
+    add_template_arg,
     check_sampling_args,
     load_image_input,
     stream_text,
@@ -28,17 +29,24 @@ def main(argv: Sequence[str]) -> None:
         "--chat", action="store_true", help="wrap the prompt in the chat template (SFT/PPO models)"
     )
     add_sampling_args(p, max_new_tokens=64)
+    add_template_arg(p)
     add_image_args(p)
     a = p.parse_args(argv)
     import torch
 
     from lit_llm.backbone.generate import stream
-    from lit_llm.checkpoint import CHAT_STAGES, GENERATIVE_STAGES, load_for_inference
+    from lit_llm.checkpoint import (
+        CHAT_STAGES,
+        GENERATIVE_STAGES,
+        load_for_inference,
+        with_template_file,
+    )
 
     check_sampling_args(a)
     model, tok, _ = load_for_inference(
         a.ckpt, a.precision, CHAT_STAGES if a.chat else GENERATIVE_STAGES, base=a.base
     )
+    tok = with_template_file(tok, a.chat_template)
     images = None
     if a.image is not None:  # the image's placeholders follow the prompt text (as the image world trains)
         images, placeholder = load_image_input(a.image, model, tok, a.max_tiles, a.ckpt)

@@ -6,7 +6,8 @@ verifier) or DPO (on preference pairs), or all three from the same SFT checkpoin
 Outputs land in ``<workdir>/checkpoints/`` (TensorBoard logs under ``checkpoints/logs``). The summary
 compares the SFT policy and every aligned one on the *same* held-out test prompts with tinyworld's gold
 reward (is the answer right?), greedy and sampled, by difficulty, with the KL of each to the SFT policy
-measured the same way for all.
+measured the same way for all. ``--init_from MODEL`` starts the chain from a pretrained model (a Hugging Face
+folder or a ``.gguf`` file) instead of pretraining one: SFT, GRPO and DPO then train LoRA adapters on it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ CONFIGS = {
     "ppo": "ppo/tinyworld.yaml",
     "grpo": "grpo/tinyworld.yaml",
     "dpo": "dpo/tinyworld.yaml",
+}
+# the chain from a real pretrained model (--init_from): no pretraining; LoRA recipes where one exists (SFT,
+# GRPO, DPO; PPO's adapter config), the reward model as for our own models
+PRETRAINED_CONFIGS = {
+    **CONFIGS,
+    "sft": "sft/smollm2-tinyworld.yaml",
+    "ppo": "ppo/tinyworld-lora.yaml",
+    "grpo": "grpo/smollm2-tinyworld.yaml",
+    "dpo": "dpo/smollm2-tinyworld.yaml",
 }
 # the number each stage reports in the summary, from its last logged metrics
 METRICS = {
@@ -143,9 +153,10 @@ def _metric(cli: Any, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def stages_to_run(align: list[str]) -> list[str]:
-    """The stages of the chain for these alignment methods (the reward model only when PPO needs it)."""
-    return ["pretrain", "sft", *(["reward"] if "ppo" in align else []), *align]
+def stages_to_run(align: list[str], pretrained: bool = False) -> list[str]:
+    """The stages of the chain for these alignment methods (the reward model only when PPO needs it; no
+    pretraining when the chain starts from a pretrained model)."""
+    return [*([] if pretrained else ["pretrain"]), "sft", *(["reward"] if "ppo" in align else []), *align]
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
@@ -157,6 +168,14 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     p.add_argument("--workdir", default=".", help="where checkpoints/ and data_cache/ go (default: here)")
     p.add_argument("--configs", default=None, help="the configs/ folder (default: ./configs or the repo's)")
     p.add_argument("--seed", type=int, default=0, help="seed_everything for every stage")
+    p.add_argument(
+        "--init_from",
+        default=None,
+        metavar="MODEL",
+        help="start the chain from a pretrained model instead of pretraining one: a Hugging Face folder or a "
+        ".gguf file of the Llama family (e.g. SmolLM2-135M-Instruct); SFT, GRPO and DPO then train LoRA "
+        "adapters with the model's own tokenizer and chat template (configs/*/smollm2-tinyworld.yaml)",
+    )
     p.add_argument("--fast", action="store_true", help="a smoke run with tiny settings (under a minute)")
     p.add_argument("--eval_prompts", type=int, default=300, help="held-out prompts scored by the gold reward")
     p.add_argument(
@@ -194,19 +213,32 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     from lit_llm.evaluation import gold_score, sampled_kl, score_by_difficulty
 
     configs = find_configs(a.configs)
+    pretrained = None
+    if a.init_from is not None:
+        pretrained = Path(a.init_from).resolve()  # the stages run inside --workdir
+        if not pretrained.exists():
+            raise FileNotFoundError(f"--init_from {a.init_from}: no such folder or file")
+        if "pretrain" in a.skip:
+            raise SystemExit("error: --init_from replaces pretraining; drop --skip pretrain")
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(work)
-    rows: dict[str, Any] = {"minutes": {}, "align": align}
+    rows: dict[str, Any] = {"minutes": {}, "align": align, "init_from": a.init_from}
     try:
-        for stage in stages_to_run(align):
+        for stage in stages_to_run(align, pretrained is not None):
             ckpt = Path(f"checkpoints/{stage}/last.ckpt")
             if stage in a.skip:
                 if not ckpt.is_file():
                     raise FileNotFoundError(f"--skip {stage}: {ckpt} does not exist")
                 continue
             config, init = CONFIGS[stage], INIT[stage]
+            if pretrained is not None:
+                # the recipes name their own folders; the chain keeps checkpoints/<stage>/ as for ours
+                config = PRETRAINED_CONFIGS[stage]
+                init = [*init, "--trainer.default_root_dir", f"checkpoints/{stage}"]
+                if stage == "sft":
+                    init = ["--model.init_from", str(pretrained), *init[2:]]
             fast = FAST[stage] if a.fast else []
             common = ["--seed_everything", str(a.seed), *QUIET]
             t0 = time.perf_counter()
@@ -273,7 +305,10 @@ def print_summary(rows: dict[str, Any]) -> None:
     t.add_column("stage")
     t.add_column("result")
     t.add_column("minutes", justify="right")
-    t.add_row("pretrain", f"val loss {fmt(rows.get('pretrain_val_loss'))}", f"{m.get('pretrain', 0):.1f}")
+    if rows.get("init_from"):
+        t.add_row("pretrained", f"from {rows['init_from']}", "-")
+    else:
+        t.add_row("pretrain", f"val loss {fmt(rows.get('pretrain_val_loss'))}", f"{m.get('pretrain', 0):.1f}")
     t.add_row(
         "sft",
         f"val loss {fmt(rows.get('sft_val_loss'))}; gold {fmt(rows['sft_gold'], True)} greedy, "
