@@ -107,3 +107,47 @@ class StaticKVCache(KVCache):
         """Write the positions ``(B, T)`` at slots :attr:`index`; return the positions of the visible slots."""
         self.pos.index_copy_(1, self.index, positions)
         return self.pos[:, : self.visible]
+
+
+class SlotKVCache(KVCache):
+    """A KV cache whose rows are independent sequences of different lengths: continuous batching.
+
+    Each row (a *slot*) holds one sequence; a forward pass runs on the rows ``[row_start, row_start + B)``
+    (:attr:`rows`) and writes the new keys of row ``b`` at its own slots ``cols[b]`` (``(B, T)`` long), so a
+    row that has just joined and a row deep into its reply decode in the same step. Like
+    :class:`StaticKVCache`, the caller passes explicit ``positions`` and a mask over the first :attr:`visible`
+    slots (a row's unwritten and stale slots False), and the model does not advance a shared length.
+
+    The scheduler keeps its live rows packed at the front (:meth:`move_row` fills a finished row's place with
+    the last live row), so the rows of a step are one contiguous block: a view, never a gather.
+    """
+
+    static = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows = slice(0, 0)
+        self.cols = torch.zeros((0, 1), dtype=torch.long, device=self.pos.device)
+        self.visible = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` ``(B, n_kv_head, T, hd)`` of row ``b`` at slots ``cols[b]``; return the visible slots
+        of the rows ``(B, n_kv_head, visible, hd)``."""
+        K, V = self.k[layer][self.rows], self.v[layer][self.rows]
+        b = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1), broadcast against cols (B, T)
+        # advanced indices on dims 0 and 2 around a slice: the indexed shape is (B, T, n_kv_head, hd)
+        K[b, :, self.cols] = k.transpose(1, 2).to(K.dtype)
+        V[b, :, self.cols] = v.transpose(1, 2).to(V.dtype)
+        return K[:, :, : self.visible], V[:, :, : self.visible]
+
+    def update_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Write the positions ``(B, T)`` at slots ``cols``; return those of the visible slots ``(B, visible)``."""
+        P = self.pos[self.rows]
+        P[torch.arange(positions.shape[0], device=positions.device)[:, None], self.cols] = positions
+        return P[:, : self.visible]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` slots of row ``src`` into row ``dst`` (every layer, and the positions)."""
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :length] = buf[src, :, :length]
+        self.pos[dst, :length] = self.pos[src, :length]

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from lit_llm.cli.lightning import LitLLMCLI, run_lightning
 
-HELPERS = ("generate", "chat", "export", "pipeline")
+HELPERS = ("generate", "chat", "serve", "export", "pipeline")
 
 __all__ = ["HELPERS", "LitLLMCLI", "console_main", "main", "run_lightning"]
 
