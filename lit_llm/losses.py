@@ -43,7 +43,11 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
     keep = labels != IGNORE_INDEX
-    acc = (logits.argmax(-1)[keep] == labels[keep]).float().mean()
+    with torch.no_grad():
+        # right where the label's logit is the row's largest (an exact tie counts as right): amax is ~10x
+        # faster than argmax on CPU (0.03 vs 0.32 s for 8 x 192 bfloat16 rows of 49,152 logits)
+        target = logits.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        acc = (target >= logits.amax(-1))[keep].float().mean()
     return loss, acc
 
 
