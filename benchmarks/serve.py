@@ -163,10 +163,6 @@ def throughput(args: argparse.Namespace) -> dict:
 # ---- decode ---------------------------------------------------------------------------------------------------
 
 
-def _prompt_ids(tok, question: str) -> list[int]:
-    return tok.prompt_ids(question)
-
-
 def decode(args: argparse.Namespace) -> dict:
     import transformers
 
@@ -182,7 +178,7 @@ def decode(args: argparse.Namespace) -> dict:
         models[precision] = load_for_inference(args.folder, precision)[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32).eval()
     questions = _questions(max(args.agree, 1))
-    prompt = _prompt_ids(tok, questions[0])
+    prompt = tok.prompt_ids(questions[0])
     new = args.new_tokens
 
     def ours(name, compile):
@@ -253,21 +249,23 @@ def decode(args: argparse.Namespace) -> dict:
             row[f"vs {n}"] = round(row["tokens_per_s"] / table[n]["tokens_per_s"], 2)
 
     # greedy agreement with float32 on --agree chat prompts (eager, stop at the end of the turn)
-    agreement = {}
     stops = list(tok.stop_ids)
-    ref_replies = [
-        generate(model, [_prompt_ids(tok, q)], args.agree_tokens, stop_tokens=stops) for q in questions
-    ]
-    ref_replies = [g.sequences[0][g.valid[0]].tolist() for g in ref_replies]
+    asked = [tok.prompt_ids(q) for q in questions]
+
+    def reply(m, ids):  # prompt + greedy reply through its stop token
+        g = generate(m, [ids], args.agree_tokens, stop_tokens=stops)
+        return g.sequences[0][g.valid[0]].tolist()
+
+    ref_replies = [reply(model, ids) for ids in asked]
+    agreement = {}
     for precision in ("bf16", "int8"):
         same, equal_tokens, total = 0, 0, 0
-        for q, r in zip(questions, ref_replies):
-            o = generate(models[precision], [_prompt_ids(tok, q)], args.agree_tokens, stop_tokens=stops)
-            o = o.sequences[0][o.valid[0]].tolist()
+        for ids, r in zip(asked, ref_replies):
+            o = reply(models[precision], ids)
             same += o == r
             first = next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
-            equal_tokens += first - len(_prompt_ids(tok, q))
-            total += len(r) - len(_prompt_ids(tok, q))
+            equal_tokens += first - len(ids)
+            total += len(r) - len(ids)
         agreement[precision] = {
             "replies_identical": f"{same}/{len(questions)}",
             "tokens": f"{equal_tokens}/{total}",
