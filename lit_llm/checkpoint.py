@@ -221,7 +221,7 @@ GENERATIVE_STAGES = ("pretrain", *CHAT_STAGES)
 
 def load_for_inference(
     path: str | os.PathLike,
-    precision: Literal["32", "bf16", "int8"] = "32",
+    precision: Literal["32", "bf16", "int8", "int4"] = "32",
     stages: tuple[str, ...] = GENERATIVE_STAGES,
     base: str | os.PathLike | None = None,
 ) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
@@ -229,12 +229,13 @@ def load_for_inference(
 
     Args:
         path: A lit_llm ``.ckpt`` or an exported Hugging Face folder.
-        precision: ``32`` (float32), ``bf16``, or ``int8`` weight-only quantisation with bfloat16 activations.
+        precision: ``32`` (float32), ``bf16``, or ``int8`` / ``int4`` weight-only quantisation with bfloat16
+            activations (``int4``: 4-bit groups of 32 as llama.cpp's Q4_1, the output head int8).
         stages: The kinds of checkpoint the caller can use; any other is refused, naming what it is.
         base: For a LoRA adapter checkpoint, its base (default: the path the checkpoint names); the adapters
             are merged into it.
     """
-    from lit_llm.backbone.quantize import quantize_int8
+    from lit_llm.backbone.quantize import quantize_int4, quantize_int8
 
     model, tok, meta = load_backbone(path, base=base)
     stage = meta.get("stage")
@@ -252,6 +253,8 @@ def load_for_inference(
         model.to(torch.bfloat16)
     if precision == "int8":
         quantize_int8(model)
+    elif precision == "int4":
+        quantize_int4(model)
     return model, tok, meta
 
 

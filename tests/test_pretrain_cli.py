@@ -55,20 +55,11 @@ def test_fit_validate_generate(tmp_path, monkeypatch, capsys):
     main(["generate", "--ckpt", str(ckpt), "--prompt", "Alice is", "--max_new_tokens", "5"])
     exact = capsys.readouterr().out
     assert exact.startswith("Alice is")
-    main(
-        [
-            "generate",
-            "--ckpt",
-            str(ckpt),
-            "--prompt",
-            "Alice is",
-            "--max_new_tokens",
-            "5",
-            "--precision",
-            "int8",
-        ]
-    )
-    assert capsys.readouterr().out.startswith("Alice is")  # int8 weights decode too (tokens may differ)
+    for precision in ("int8", "int4"):
+        gen = ["generate", "--ckpt", str(ckpt), "--prompt", "Alice is", "--max_new_tokens", "5"]
+        main([*gen, "--precision", precision])
+        # quantised weights decode too (tokens may differ)
+        assert capsys.readouterr().out.startswith("Alice is")
     # a checkpoint from another config is refused with the reason (the CLI itself takes the checkpoint's
     # hyperparameters on --ckpt_path, so drive the Trainer directly, as a script would)
     from lightning import Trainer

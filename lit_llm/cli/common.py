@@ -46,10 +46,11 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int | None) ->
     )
     p.add_argument(
         "--precision",
-        choices=["32", "bf16", "int8"],
+        choices=["32", "bf16", "int8", "int4"],
         default="32",
-        help="weights while decoding: float32 (exact), bfloat16, or int8 weight-only with bfloat16 "
-        "activations (fastest on CPU; greedy tokens can differ where two logits nearly tie)",
+        help="weights while decoding: float32 (exact), bfloat16, or int8 / int4 weight-only with bfloat16 "
+        "activations (int4: llama.cpp's Q4_1 layout, fastest on CPU, least exact; greedy tokens can differ "
+        "where two logits nearly tie)",
     )
     p.add_argument(
         "--compile",

@@ -70,10 +70,11 @@ def main(argv: Sequence[str]) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["none", "int8"],
+        choices=["none", "int8", "int4"],
         default="none",
-        help="int8: weight-only int8 linear layers with bfloat16 activations (fastest on CPU; greedy tokens "
-        "can differ from float32 where two logits nearly tie)",
+        help="weight-only quantised linear layers with bfloat16 activations: int8 (one scale per row) or int4 "
+        "(groups of 32, as llama.cpp's Q4_1; fastest on CPU); greedy tokens can differ from float32 where two "
+        "logits nearly tie",
     )
     p.add_argument("--base", default=None, help="for a LoRA adapter checkpoint: its base checkpoint")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -91,7 +92,7 @@ def main(argv: Sequence[str]) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    precision = "int8" if a.quantize == "int8" else a.precision
+    precision = a.precision if a.quantize == "none" else a.quantize
     model, tok, meta = load_for_inference(a.ckpt, precision, GENERATIVE_STAGES, base=a.base)
     tok = with_template_file(tok, a.chat_template)
     context = a.context or min(model.config.block_size, 2048)
