@@ -48,12 +48,34 @@ from lit_llm.data import tinyworld
 from lit_llm.formats.gguf import export_gguf
 
 
-def _llama(path: Path, n_ctx: int) -> Any:
+def load_llama(path: str | Path, n_ctx: int, threads: int = 1, **kw: Any) -> Any:
+    """A ``llama_cpp.Llama`` on ``path`` with ``threads`` threads, without ggml's AMX weight buffers.
+
+    On CPUs that report AMX, ggml repacks the weights for AMX tiles; where the kernel does not grant the tile
+    state (as on this machine, a VM) the first product dies with an illegal instruction. Without those extra
+    buffer types llama.cpp runs its AVX-512 kernels, the ones our bfloat16/int8 paths compare with.
+    """
+    import llama_cpp.llama_cpp as capi
     from llama_cpp import Llama
 
-    return Llama(
-        model_path=str(path), n_ctx=n_ctx, n_threads=1, n_threads_batch=1, n_batch=n_ctx, verbose=False
-    )
+    default = capi.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    capi.llama_model_default_params = without_extra_buffers
+    try:
+        return Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, **kw
+        )
+    finally:
+        capi.llama_model_default_params = default
+
+
+def _llama(path: Path, n_ctx: int) -> Any:
+    return load_llama(path, n_ctx, n_batch=n_ctx)
 
 
 def _llama_greedy(llm: Any, prompt: list[int], max_new: int, stops: set[int]) -> list[int]:
@@ -124,13 +146,10 @@ def compare(
 def logits_vs_llama_cpp(model, tok, path: str | Path, text: str, dtype: str = "f32") -> float:
     """Largest absolute difference between llama.cpp's logits and ours on every position of ``text``."""
     import numpy as np
-    from llama_cpp import Llama
 
     ids = tok.encode(text)
     export_gguf(model, tok, path, dtype=dtype)
-    llm = Llama(
-        model_path=str(path), n_ctx=model.config.block_size, n_threads=1, logits_all=True, verbose=False
-    )
+    llm = load_llama(path, model.config.block_size, logits_all=True)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
     with torch.no_grad():
@@ -142,33 +161,38 @@ def speed(ckpt: str | Path, folder: Path, n_prompts: int, new_tokens: int, reps:
     """New tokens per second of a checkpoint on tinyworld test prompts (see :func:`speed_model`)."""
     model, tok, _ = load_for_inference(ckpt)
     prompts = [tok.prompt_ids(r["prompt"]) for r in tinyworld.rl_prompts(n_prompts, "test")]
-    int8 = load_for_inference(ckpt, precision="int8")[0]
-    return speed_model(model, int8, tok, prompts, folder, new_tokens, reps)
+    quantized = {p: load_for_inference(ckpt, precision=p)[0] for p in ("int8", "int4")}
+    return speed_model(model, quantized, tok, prompts, folder, new_tokens, reps)
 
 
 def speed_preset(preset: str, folder: Path, n_prompts: int, new_tokens: int, reps: int) -> dict[str, float]:
     """The same on a randomly initialised preset (seed 0) with random 32-token prompts, as decode.py does."""
     from lit_llm.backbone import ModelConfig, Transformer
-    from lit_llm.backbone.quantize import quantize_int8
+    from lit_llm.backbone.quantize import quantize_int4, quantize_int8
     from lit_llm.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name(preset)).eval().requires_grad_(False)
-    int8 = quantize_int8(copy.deepcopy(model).to(torch.bfloat16))  # as load_for_inference(precision='int8')
+    # as load_for_inference(precision='int8' / 'int4')
+    quantized = {
+        "int8": quantize_int8(copy.deepcopy(model).to(torch.bfloat16)),
+        "int4": quantize_int4(copy.deepcopy(model).to(torch.bfloat16)),
+    }
     tok = Tokenizer.train(tinyworld.pretrain_text(300), "bpe", 400)  # metadata only: ids above 400 are pads
     prompts = torch.randint(7, model.config.vocab_size, (n_prompts, 32)).tolist()
-    return speed_model(model, int8, tok, prompts, folder, new_tokens, reps)
+    return speed_model(model, quantized, tok, prompts, folder, new_tokens, reps)
 
 
-def speed_model(model, int8, tok, prompts, folder: Path, new_tokens: int, reps: int) -> dict[str, float]:
+def speed_model(model, quantized, tok, prompts, folder: Path, new_tokens: int, reps: int) -> dict[str, float]:
     """New tokens per second, one thread, same prompts and lengths for every implementation."""
     torch.set_num_threads(1)
     new = min(new_tokens, model.config.block_size - max(len(p) for p in prompts))
     runs = {
         "ours float32 eager": lambda p: _our_greedy(model, p, new, []),
         "ours float32 compile": lambda p: _our_greedy(model, p, new, [], compile=True),
-        "ours int8 compile": lambda p: _our_greedy(int8, p, new, [], compile=True),
     }
+    for name, q in quantized.items():
+        runs[f"ours {name} compile"] = lambda p, q=q: _our_greedy(q, p, new, [], compile=True)
     for dtype in ("f32", "q8_0"):
         llm = _llama(
             export_gguf(model, tok, folder / f"speed-{dtype}.gguf", dtype=dtype), model.config.block_size

@@ -174,7 +174,7 @@ def decode(args: argparse.Namespace) -> dict:
     model, tok = import_hf(args.folder)
     model.eval().requires_grad_(False)
     models = {"fp32": model}
-    for precision in ("bf16", "int8"):
+    for precision in ("bf16", "int8", "int4"):
         models[precision] = load_for_inference(args.folder, precision)[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32).eval()
     questions = _questions(max(args.agree, 1))
@@ -203,14 +203,14 @@ def decode(args: argparse.Namespace) -> dict:
         "ours, float32, compile": ours("fp32", True),
         "ours, bfloat16, compile": ours("bf16", True),
         "ours, int8 weights, compile": ours("int8", True),
+        "ours, int4 weights, compile": ours("int4", True),
     }
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
+        from gguf_llama_cpp import load_llama
 
         for path in args.gguf:
-            llm = Llama(
-                model_path=str(path), n_ctx=len(prompt) + new + 8, n_threads=args.threads, verbose=False
-            )
+            llm = load_llama(path, len(prompt) + new + 8, args.threads)
 
             def run(llm=llm):
                 llm.reset()
@@ -258,7 +258,7 @@ def decode(args: argparse.Namespace) -> dict:
 
     ref_replies = [reply(model, ids) for ids in asked]
     agreement = {}
-    for precision in ("bf16", "int8"):
+    for precision in ("bf16", "int8", "int4"):
         same, equal_tokens, total = 0, 0, 0
         for ids, r in zip(asked, ref_replies):
             o = reply(models[precision], ids)
@@ -289,7 +289,7 @@ def main() -> None:
     a.add_argument("--threads", type=int, default=2)
     a.add_argument("--reps", type=int, default=3)
     a.add_argument("--precision", default="32", choices=["32", "bf16"])
-    a.add_argument("--quantize", default="none", choices=["none", "int8"])
+    a.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     a = sub.add_parser("decode")
     a.add_argument("--folder", required=True)
     a.add_argument("--gguf", nargs="*", default=[])
