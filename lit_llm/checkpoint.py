@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_llm.atomic import atomic_save, atomic_save_many  # noqa: F401 - re-exported for callers
 from lit_llm.backbone import ModelConfig, Transformer
-from lit_llm.errors import CheckpointError
+from lit_llm.errors import CheckpointError, MissingCheckpointError
 from lit_llm.tokenizer import Tokenizer
 
 META_KEY = "lit_llm"
@@ -52,7 +52,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``) with a clear error for a missing or bad file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingCheckpointError(path)
     try:
         return _torch_load(path)
     except ValueError:
@@ -288,7 +288,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only)
         if not get_filesystem(path).exists(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+            raise MissingCheckpointError(path)
         return _torch_load(path, map_location, weights_only=True if weights_only is None else weights_only)
 
 

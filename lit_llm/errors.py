@@ -18,3 +18,12 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     """Data that cannot be used: malformed records, an empty dataset, a file of the wrong type."""
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A checkpoint (or pretrained model) path that does not exist; ``path`` is the path as given, so the
+    ``lit-llm`` command can say which command (and which course chapter) writes it."""
+
+    def __init__(self, path: str | object, what: str = "checkpoint") -> None:
+        self.path = str(path)
+        super().__init__(f"{what} not found: {self.path}")

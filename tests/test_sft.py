@@ -52,6 +52,18 @@ def test_label_mask_on_two_turns_with_system(tok):
     assert all(y[i - 1] == full[i] for i in trained)
 
 
+def test_train_on_prompt_trains_every_next_token(tok):
+    conv = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Bob"}]
+    x, y = tokenize_conversation(tok, conv, train_on_prompt=True)
+    masked_x, masked_y = tokenize_conversation(tok, conv)
+    assert x == masked_x and y == x[1:] + [masked_y[-1]]  # every position predicts the token after it
+    assert IGNORE not in y and IGNORE in masked_y
+    dm = SFTDataModule(tokenizer=None, train_on_prompt=True, tinyworld_train=8, tinyworld_val=4)
+    dm._tokenizer = tok
+    (_, labels), *_ = dm.tokenize([conv], "train")
+    assert labels == y
+
+
 def test_every_format_renders_the_same_template(tok):
     want = [[{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]]
     records = [

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from lit_llm.cli.lightning import LitLLMCLI, run_lightning
 
-HELPERS = ("generate", "chat", "serve", "export", "pipeline")
+HELPERS = ("generate", "chat", "serve", "export", "pipeline", "plot")
 
 __all__ = ["HELPERS", "LitLLMCLI", "console_main", "main", "run_lightning"]
 
@@ -41,7 +41,7 @@ def console_main() -> None:
     """The installed ``lit-llm`` script: :func:`main` with one-line errors for the user's mistakes."""
     import warnings
 
-    from lit_llm.errors import UserError
+    from lit_llm.errors import MissingCheckpointError, UserError
 
     # Lightning 2.6 builds torch's deprecated LeafSpec on every logged step; torch warns the user, who can do
     # nothing about it (the installed script only: the Python API leaves warning filters alone)
@@ -49,5 +49,11 @@ def console_main() -> None:
     try:
         main()
     except (UserError, FileNotFoundError, IsADirectoryError) as err:
-        sys.stderr.write(f"error: {err}\n")
+        message = str(err)
+        if isinstance(err, MissingCheckpointError):  # say which command (and course chapter) writes it
+            from lit_llm.cli.doc_commands import made_by
+
+            hint = made_by(err.path)
+            message += f"; {hint}" if hint else ""
+        sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None

@@ -122,4 +122,7 @@ Helpers (each has --help):
   lit-llm generate|chat ... --image PATH                   ask a vision model about an image
   lit-llm pipeline [--fast] [--align ppo|grpo|dpo|all]     the whole chain on tinyworld + a summary
   lit-llm export --ckpt CKPT --out DIR                     a Hugging Face folder (safetensors)
+  lit-llm serve --ckpt CKPT                                an OpenAI-compatible HTTP server
+  lit-llm plot checkpoints/logs/RUN ... --tags T --out F   TensorBoard curves as a PNG
+The course through the code, chapter by chapter: docs/course/README.md
 """

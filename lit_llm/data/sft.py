@@ -25,10 +25,11 @@ from lit_llm.tokenizer import Tokenizer
 Example = tuple[list[int], list[int]]  # (input ids, labels) of one conversation, already shifted
 
 
-def tokenize_conversation(tok: Tokenizer, conv: list[dict]) -> Example:
-    """Inputs ``ids[:-1]`` and next-token labels ``ids[1:]`` (``-100`` where the target is not trained)."""
+def tokenize_conversation(tok: Tokenizer, conv: list[dict], train_on_prompt: bool = False) -> Example:
+    """Inputs ``ids[:-1]`` and next-token labels ``ids[1:]`` (``-100`` where the target is not trained: every
+    token outside the assistant replies, unless ``train_on_prompt``, which trains on the whole conversation)."""
     ids, mask = tok.render_chat(conv)
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+    labels = [t if m or train_on_prompt else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
     return ids[:-1], labels
 
 
@@ -102,6 +103,8 @@ class SFTDataModule(RecordDataModule):
         skip_bad_records: Skip (and count) malformed records instead of stopping at the first one.
         val_fraction: Held-out share of a local/HF dataset.
         system_prompt: Optional system message put before every conversation without one.
+        train_on_prompt: Train on every token of the conversation (system and user turns and the template's
+            markup too), not only on the assistant replies: the prompt mask off, for comparison.
         gold_fn: Scorer ``"module:function"`` of held-out replies, ``(record, reply) -> float``; on tinyworld
             the exact-answer check (logged as ``val/exact_match``). With a file source, the held-out
             conversations' first user turns are the prompts and their records go to the scorer.
@@ -127,6 +130,7 @@ class SFTDataModule(RecordDataModule):
         skip_bad_records: bool = False,
         val_fraction: float = 0.1,
         system_prompt: str | None = None,
+        train_on_prompt: bool = False,
         gold_fn: str | None = None,
         tinyworld_train: int = 4000,
         tinyworld_val: int = 200,
@@ -147,7 +151,7 @@ class SFTDataModule(RecordDataModule):
             chat_template,
         )
         self.format, self.seq_len, self.pack, self.too_long = format, seq_len, pack, too_long
-        self.system_prompt = system_prompt
+        self.system_prompt, self.train_on_prompt = system_prompt, train_on_prompt
         self.tinyworld_sizes = (tinyworld_train, tinyworld_val)
         self.n_eval = tinyworld_eval
 
@@ -171,7 +175,7 @@ class SFTDataModule(RecordDataModule):
         for conv in items:
             if self.system_prompt and conv[0]["role"] != "system":
                 conv = [{"role": "system", "content": self.system_prompt}, *conv]
-            x, y = tokenize_conversation(tok, conv)
+            x, y = tokenize_conversation(tok, conv, self.train_on_prompt)
             if len(x) > self.seq_len:
                 if self.too_long == "drop":
                     dropped += 1

@@ -43,7 +43,7 @@ import torch
 
 from lit_llm.backbone.config import ModelConfig
 from lit_llm.backbone.rope import inv_frequencies
-from lit_llm.errors import UserError
+from lit_llm.errors import MissingCheckpointError, UserError
 from lit_llm.formats.llama import _llama4_only, _llama_blockers, _permute_rows, _rope_permutation
 
 if TYPE_CHECKING:
@@ -432,7 +432,7 @@ def import_gguf(path: str | os.PathLike) -> tuple[Transformer, Tokenizer]:
 
     target = Path(path)
     if not target.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {target}")
+        raise MissingCheckpointError(target, "GGUF file")
     check_gguf(target)
     try:
         import transformers
@@ -463,7 +463,7 @@ def import_gguf_tokenizer(path: str | os.PathLike, generation_config: Any = None
 
     target = Path(path)
     if not target.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {target}")
+        raise MissingCheckpointError(target, "GGUF file")
     with warnings_quiet():
         hf_tok = transformers.AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name)
     with tempfile.TemporaryDirectory() as tmp:
