@@ -25,7 +25,7 @@ EXPECTED = {
     "pretrain/tiny.yaml": ("pretrain", "pretrain", [LR, (SAMPLES, 200), THROUGHPUT], {"max_steps": 800}),
     "pretrain/tiny-moe.yaml": ("pretrain-moe", "pretrain-moe", [LR, (SAMPLES, 200), THROUGHPUT], {}),
     "pretrain/shakespeare-char.yaml": (
-        "shakespeare",
+        "shakespeare-char",
         "shakespeare-char",
         [LR, (SAMPLES, 500), THROUGHPUT],
         {"max_steps": 2000, "limit_val_batches": 50},

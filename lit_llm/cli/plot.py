@@ -23,7 +23,9 @@ from pathlib import Path
 from lit_llm.errors import UserError
 
 # tags whose best value is the largest (accuracies, rewards, throughput); any other tag: the smallest
-_HIGHER_IS_BETTER = re.compile(r"acc|exact|reward|score|margin|tokens_per_sec|throughput|mfu", re.IGNORECASE)
+_HIGHER_IS_BETTER = re.compile(
+    r"acc|exact|reward|score|gold|margin|tokens_per_sec|throughput|mfu", re.IGNORECASE
+)
 
 
 @dataclass
