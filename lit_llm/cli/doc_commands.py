@@ -1,6 +1,6 @@
-"""The shell commands written in the README and the course (``docs/course/*.md``), read as the tests and
-``benchmarks/course.py`` run them, and the question a user asks when a command's input is missing: which
-command, in which chapter, writes this checkpoint?
+"""The shell commands written in the README and the course (``docs/course/*.md``), read as
+``tests/test_doc_commands.py`` runs them, and the question a user asks when a command's input is missing:
+which command, in which chapter, writes this checkpoint?
 
 A command is a line (``\\``-continued lines joined) of a ```` ```bash ```` block; ``#`` starts a comment;
 ``a && b`` is two commands. Nothing here runs anything.

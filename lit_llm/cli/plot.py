@@ -58,14 +58,15 @@ def event_folder(run: str | Path) -> Path:
     raise UserError(f"{path} holds no TensorBoard event files (events.out.tfevents.*) nor version_N folders")
 
 
-def read_scalars(run: str | Path) -> dict[str, Curve]:
-    """Every scalar tag of ``run`` (see :func:`event_folder`), in step order."""
+def read_scalars(run: str | Path, label: str | None = None) -> dict[str, Curve]:
+    """Every scalar tag of ``run`` (see :func:`event_folder`), in step order, each curve named ``label``
+    (default: :func:`run_name`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     where = event_folder(run)
     acc = EventAccumulator(str(where), size_guidance={"scalars": 0})  # 0: keep every point, no sampling
     acc.Reload()
-    name = run_name(run)
+    name = label if label is not None else run_name(run)
     curves = {}
     events = {tag: acc.Scalars(tag) for tag in acc.Tags().get("scalars", [])}
     t0 = min((e[0].wall_time for e in events.values() if e), default=0.0)
@@ -144,14 +145,14 @@ def plot(
         raise UserError(f"{len(labels)} labels for {len(runs)} runs: give one label per run")
     if x not in ("step", "seconds"):
         raise UserError(f"--x must be step or seconds, got {x!r}")
-    names = list(labels) if labels is not None else [run_name(r) for r in runs]
-    all_curves = [read_scalars(r) for r in runs]
-    for name, curves in zip(names, all_curves):
-        for c in curves.values():
-            c.run = name  # the legend label, also what main() prints
-    panels: list[tuple[str, list[tuple[str, Curve]]]] = []
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must be a .png file, got {out}")
+    names = list(labels) if labels is not None else [None] * len(runs)
+    all_curves = [read_scalars(r, name) for r, name in zip(runs, names)]
+    panels: list[tuple[str, list[Curve]]] = []
     for pattern in tags:
-        found = [(name, c) for name, curves in zip(names, all_curves) for c in select(curves, pattern)]
+        found = [c for curves in all_curves for c in select(curves, pattern)]
         if not found:
             have = sorted({t for curves in all_curves for t in curves})
             raise UserError(
@@ -166,10 +167,10 @@ def plot(
     drawn = []
     for i, (pattern, found) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for j, (name, c) in enumerate(found):
+        for j, c in enumerate(found):
             xs = c.steps if x == "step" else c.seconds
             color = f"C{j % 10}"
-            label = name if c.tag == pattern else f"{name} {c.tag}"
+            label = c.run if c.tag == pattern else f"{c.run} {c.tag}"
             label = f"{label} ({c.values[-1]:.4g})"
             if smooth > 0 and len(c.values) > 2:
                 ax.plot(xs, c.values, color=color, alpha=0.25, linewidth=0.8)
@@ -186,9 +187,6 @@ def plot(
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out must be a .png file, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
