@@ -87,6 +87,12 @@ class ResumableDataLoader(DataLoader):
     full epoch, as Lightning expects; after ``load_state_dict`` the next iteration of the same epoch yields
     only the batches not yet seen. It never draws from the global RNG (worker seeds come from ``generator``,
     reseeded with ``seed + epoch``), so the model's random stream (dropout) is the same in a resumed run.
+
+    With ``drop_last`` (the training loaders) an epoch over ``n`` samples on ``w`` ranks with batch ``b`` is
+    the first ``n // (w * b)`` global batches of the epoch's order: each of those samples is read exactly once,
+    by one rank and one worker, and the other ``n % (w * b)`` (the end of the order, so other samples each
+    epoch when shuffled) are left out; none is repeated. Without it the sampler pads as ``DistributedSampler``
+    does (the first ``-n % w`` samples of the order are read twice) and the last batch may be short.
     """
 
     def __init__(
@@ -100,7 +106,10 @@ class ResumableDataLoader(DataLoader):
         **kwargs: Any,
     ) -> None:
         if sampler is None:
-            sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
+            # drop_last drops the tail of the order that does not divide over the ranks too: padding it (by
+            # repeating the first samples) would train twice on those samples under DDP, and take one more
+            # step than one process with the same global batch
+            sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
         elif not isinstance(sampler, ResumableSampler):
             raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(sampler).__name__}")
         if kwargs.get("generator") is None:
