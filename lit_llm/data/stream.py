@@ -9,12 +9,21 @@ tokenizer never join text across such a point, so the pieces tokenize exactly as
 A document is a record or a whole text file; ``<|eos|>`` follows each document. (A tokenizer with another
 pre-tokenizer, passed in by the user, may differ from whole-file tokenization at a cut.)
 
-:func:`prepare_tokens` makes two passes. The first reads the corpus without tokenizing it: it counts the
-documents and characters (for the validation split) and keeps a sample for tokenizer training, spread evenly
-over the corpus and bounded in size (:class:`SpreadSample`). The second tokenizes batches of pieces, in this
-process (the ``tokenizers`` library spreads a batch over the cores) or in worker processes (at most a few
-batches in flight), so memory stays flat whatever the corpus size, and appends the ids to ``train.bin`` /
-``val.bin``, written to temporary files and renamed into place only when complete.
+:meth:`lit_llm.data.text.TextDataModule.prepare_data` makes two passes. The first reads the corpus without
+tokenizing it: it counts the documents and characters (for the validation split) and the shards, and keeps a
+sample for tokenizer training, spread evenly over the corpus and bounded in size (:class:`SpreadSample`). The
+second tokenizes batches of pieces, in this process (the ``tokenizers`` library spreads a batch over the cores)
+or in worker processes (at most a few batches in flight), so memory stays flat whatever the corpus size, and
+appends the ids to ``train.bin`` / ``val.bin``, written to temporary files and renamed into place only when
+complete.
+
+The second pass goes shard by shard (:class:`Shards`: consecutive pieces of about ``SHARD_CHARS``
+characters). After each shard the temporary files are synced and a small progress file records how many
+shards are finished and how long each file was then (:class:`PrepareProgress`). A prepare that was killed
+(SIGTERM, SIGKILL, Ctrl-C) is resumed by the next one on the same machine: it takes over the temporary files,
+cuts them back to the last finished shard and tokenizes only the shards after it, so the published files are
+byte-identical to those of an uninterrupted run. Another corpus (its stamp), tokenizer, piece or shard size
+starts over.
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ DecodeErrors = Literal["fail", "replace"]
 LINE_BYTES = 1 << 20
 # about how many characters of a text file make one piece (one unit of tokenizer work)
 PIECE_CHARS = 1 << 18
+# about how many characters make one shard of a prepare (the unit an interrupted prepare resumes from)
+SHARD_CHARS = 1 << 26
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -370,6 +381,59 @@ class Split:
                     yield text[self.char_cut - start :], ends, "val"
 
 
+# ----------------------------------------------------------------------------------------------- shards
+class Shards:
+    """Consecutive pieces in shards of about ``shard_chars`` characters: a shard ends after the piece that
+    brings it to ``shard_chars`` or more (every shard holds at least one piece).
+
+    The rule sees piece lengths only, so the first pass counts the shards (:attr:`count`) that the second
+    pass, reading the same pieces, numbers with :meth:`add`.
+    """
+
+    def __init__(self, shard_chars: int) -> None:
+        if shard_chars < 1:
+            raise DataError(f"shard_chars must be at least 1, got {shard_chars}")
+        self.shard_chars, self.index, self.chars, self.pieces = shard_chars, 0, 0, 0
+
+    def add(self, n_chars: int) -> int:
+        """The shard of the next piece, of ``n_chars`` characters."""
+        index = self.index
+        self.chars += n_chars
+        self.pieces += 1
+        if self.chars >= self.shard_chars:
+            self.index, self.chars, self.pieces = self.index + 1, 0, 0
+        return index
+
+    @property
+    def count(self) -> int:
+        """Shards begun so far (all of them, after the last piece)."""
+        return self.index + (self.pieces > 0)
+
+
+def sharded(
+    pieces: Iterator[tuple[str, bool]],
+    label: Callable[[Iterator[tuple[str, bool]]], Iterator[tuple[str, bool, str]]],
+    shard_chars: int,
+    skip: int = 0,
+) -> Iterator[tuple[str, bool, str, int]]:
+    """``(text, ends_document, split, shard)`` of each labelled piece (:meth:`Split.label`), leaving out
+    those of the first ``skip`` shards (finished by an interrupted prepare).
+
+    Every piece is still read and labelled, so the split (which counts documents and characters from the
+    start) is the same as in an uninterrupted run; only tokenizing is skipped.
+    """
+    shards, current = Shards(shard_chars), [0]
+
+    def numbered() -> Iterator[tuple[str, bool]]:
+        for text, ends in pieces:
+            current[0] = shards.add(len(text))  # label() yields a piece's parts before it reads the next
+            yield text, ends
+
+    for text, ends, split in label(numbered()):
+        if current[0] >= skip:
+            yield text, ends, split, current[0]
+
+
 # ------------------------------------------------------------------------------------------- tokenizing
 _WORKER_TOKENIZER: HFTokenizer | None = None
 
@@ -404,19 +468,63 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
 
 
+def _owner() -> str:
+    """``<pid>@<host>``: what names this process's temporary files (unique per machine and process: several
+    nodes may prepare into one shared folder at once)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _owner_alive(name: str) -> bool | None:
+    """Whether the process that named a temporary file ``.<what>.<pid>@<host>.<ext>`` still runs: ``None``
+    when that cannot be told (another machine's file, or a name not of that form)."""
+    owner, _, host = name.rsplit(".", 1)[0].partition("@")
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(owner.rsplit(".", 1)[-1]), 0)
+    except ValueError:
+        return None
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class TokenFile:
     """Token ids appended to a temporary file next to ``path``, renamed onto ``path`` by :meth:`publish`.
 
     A full disk raises an ``OSError`` saying so; the temporary file is then removed and ``path`` (a previous
     cache) is left untouched.
+
+    Args:
+        path: The file to publish.
+        resume: ``(bytes, tokens)`` to keep of a temporary file already at :attr:`tmp` (taken over from an
+            interrupted prepare): it is cut back to ``bytes`` and appended to.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: tuple[int, int] | None = None) -> None:
         self.path = path
-        # unique per machine and process: several nodes may prepare into one shared folder at once
-        self.tmp = path.parent / f".{path.name}.{os.getpid()}@{socket.gethostname()}.tmp"
-        self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed by publish / discard
-        self.tokens = 0
+        self.tmp = self.tmp_path(path)
+        if resume is None:
+            self.f = open(self.tmp, "wb")  # noqa: SIM115 - closed by publish / discard
+            self.tokens = 0
+        else:
+            nbytes, self.tokens = resume
+            self.f = open(self.tmp, "r+b")  # noqa: SIM115 - closed by publish / discard
+            self.f.truncate(nbytes)  # what the interrupted run wrote after its last finished shard
+            self.f.seek(nbytes)
+
+    @staticmethod
+    def tmp_path(path: Path) -> Path:
+        """This process's temporary file for ``path``."""
+        return path.parent / f".{path.name}.{_owner()}.tmp"
+
+    def sync(self) -> int:
+        """Flush and fsync what was written; the file's size in bytes."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        return self.f.tell()
 
     def write(self, ids: np.ndarray) -> None:
         try:
@@ -448,36 +556,131 @@ class TokenFile:
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """Remove the temporary token files of interrupted prepares (their process is gone) in ``folder``."""
-    for tmp in folder.glob(".*.bin.*@*.tmp"):
-        owner, _, host = tmp.name[: -len(".tmp")].partition("@")
-        if host != socket.gethostname():
-            continue  # another machine's (a shared folder): not ours to judge
-        try:
-            os.kill(int(owner.rsplit(".", 1)[-1]), 0)  # still running: it is preparing right now
-        except (ValueError, ProcessLookupError):
+    """Remove the temporary token and progress files of interrupted prepares (their process is gone) in
+    ``folder``; another machine's (a shared folder) are not ours to judge, a running one's are in use."""
+    for tmp in [*folder.glob(".*.bin.*@*.tmp"), *folder.glob(".prepare.*@*.json")]:
+        if _owner_alive(tmp.name) is False:
             tmp.unlink(missing_ok=True)
-        except PermissionError:
-            pass
+
+
+class PrepareProgress:
+    """The progress file of this process's prepare into ``folder``: the shards finished so far and the size of
+    each temporary token file after them, rewritten atomically after every shard.
+
+    Args:
+        folder: The cache folder.
+        identity: What the output depends on (corpus stamp, tokenizer, piece and shard size, number of shards,
+            split): an interrupted prepare is resumed only when its identity is the same.
+        log: Where the resume / start-over lines go.
+    """
+
+    VERSION = 1
+
+    def __init__(self, folder: Path, identity: dict[str, Any], log: Callable[[str], None] = print) -> None:
+        self.folder, self.log = folder, log
+        self.identity = json.loads(json.dumps({"version": self.VERSION, **identity}))  # as read back
+        self.path = folder / f".prepare.{_owner()}.json"
+        self.done = 0  # shards finished
+        self.documents = 0  # documents in them
+        self.files: dict[str, tuple[int, int]] = {}  # split -> (bytes, tokens) after them
+
+    @property
+    def shards(self) -> int:
+        return int(self.identity["shards"])
+
+    def adopt(self, targets: dict[str, Path]) -> dict[str, tuple[int, int]]:
+        """Take over the files of an interrupted prepare of the same identity (its process gone, on this
+        machine): its temporary token files are renamed to this process's (:meth:`TokenFile.tmp_path` of
+        ``targets[split]``). Returns ``{split: (bytes, tokens)}`` to resume from (empty: start over)."""
+        for old in sorted(self.folder.glob(".prepare.*@*.json")):
+            # a dead process's, or this one's own (a prepare interrupted by Ctrl-C, run again in a notebook)
+            if old != self.path and _owner_alive(old.name) is not False:
+                continue
+            try:
+                state = json.loads(old.read_text())
+            except (OSError, ValueError):
+                continue
+            if state.get("identity") != self.identity:
+                theirs = state.get("identity") or {}
+                differ = sorted(k for k in {*self.identity, *theirs} if theirs.get(k) != self.identity.get(k))
+                self.log(
+                    f"{self.folder}: an interrupted prepare there was of another {', '.join(differ)}; "
+                    "starting over"
+                )
+                continue
+            try:
+                os.replace(old, self.path)  # atomic: of several processes taking it over, one wins
+            except OSError:
+                continue
+            files = {s: (int(b), int(t)) for s, (b, t) in state["files"].items()}
+            try:
+                for split, name in state["tmp"].items():
+                    src, dst = self.folder / name, TokenFile.tmp_path(targets[split])
+                    if src.stat().st_size < files[split][0]:
+                        raise FileNotFoundError(f"{src} is shorter than its finished shards")
+                    os.rename(src, dst)
+            except (OSError, KeyError) as err:
+                self.log(f"{self.folder}: cannot resume the interrupted prepare ({err}); starting over")
+                self.path.unlink(missing_ok=True)
+                return {}
+            self.done, self.documents, self.files = int(state["done"]), int(state["documents"]), files
+            self.log(
+                f"{self.folder}: resuming from shard {self.done + 1}/{self.shards} (the {self.done} finished "
+                f"shards of an interrupted prepare are skipped)"
+                if self.done < self.shards
+                else f"{self.folder}: all {self.shards} shards were finished by an interrupted prepare"
+            )
+            return files
+        return {}
+
+    def commit(self, done: int, documents: int, files: dict[str, TokenFile]) -> None:
+        """``done`` shards are written to ``files``: sync them, then record it (atomically)."""
+        from lit_llm.atomic import atomic_write
+
+        self.done, self.documents = done, documents
+        self.files = {s: (f.sync(), f.tokens) for s, f in files.items()}
+        state = {
+            "identity": self.identity,
+            "done": done,
+            "documents": documents,
+            "files": self.files,
+            "tmp": {s: f.tmp.name for s, f in files.items()},
+        }
+        atomic_write(self.path, json.dumps(state))
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _batches(
-    labelled: Iterator[tuple[str, bool, str]], batch_chars: int
-) -> Iterator[tuple[list[str], list[bool], list[str]]]:
+    labelled: Iterator[tuple[str, bool, str, int]], batch_chars: int
+) -> Iterator[tuple[list[str], list[bool], list[str], int, bool]]:
+    """Batches of about ``batch_chars`` characters, each within one shard: ``(texts, ends, splits, shard,
+    closes)``, ``closes`` when it is the shard's last batch (a full batch waits for the next piece to tell)."""
     texts: list[str] = []
     ends: list[bool] = []
     splits: list[str] = []
-    size = 0
-    for text, end, split in labelled:
+    size, shard = 0, 0
+    held: tuple | None = None  # a full batch, until the next piece says whether its shard ended
+    for text, end, split, piece_shard in labelled:
+        if held is not None:
+            yield *held, piece_shard != held[3]
+            held = None
+        if texts and piece_shard != shard:
+            yield texts, ends, splits, shard, True
+            texts, ends, splits, size = [], [], [], 0
+        shard = piece_shard
         texts.append(text)
         ends.append(end)
         splits.append(split)
         size += len(text)
         if size >= batch_chars:
-            yield texts, ends, splits
+            held = texts, ends, splits, shard
             texts, ends, splits, size = [], [], [], 0
+    if held is not None:
+        yield *held, True
     if texts:
-        yield texts, ends, splits
+        yield texts, ends, splits, shard, True
 
 
 def prefetch(items: Iterator, depth: int = 2) -> Iterator:
@@ -517,18 +720,19 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
 
 
 def tokenize_to_files(
-    labelled: Iterator[tuple[str, bool, str]],
+    labelled: Iterator[tuple[str, bool, str, int]],
     tokenizer: HFTokenizer,
     eos_id: int,
     files: dict[str, TokenFile],
     num_proc: int = 0,
     batch_chars: int = 1 << 22,
     progress: Callable[[int, int], None] | None = None,
+    shard_done: Callable[[int], None] | None = None,
 ) -> None:
     """Tokenize labelled pieces in order and append each piece's ids to ``files[split]``.
 
     Args:
-        labelled: ``(text, ends_document, split)`` pieces (:meth:`Split.label`).
+        labelled: ``(text, ends_document, split, shard)`` pieces (:func:`sharded`), shards in order.
         tokenizer: The ``tokenizers`` tokenizer.
         eos_id: The id appended after each document.
         files: One :class:`TokenFile` per split name.
@@ -536,10 +740,14 @@ def tokenize_to_files(
             several threads).
         batch_chars: About how many characters one batch (one worker task) holds.
         progress: Called with ``(documents, tokens)`` done after each batch.
+        shard_done: Called with ``k + 1`` once every id of shard ``k`` is in ``files`` (right after its last
+            batch is written).
     """
     dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
 
-    def write(ids: np.ndarray, lengths: np.ndarray, ends: list[bool], splits: list[str]) -> None:
+    def write(
+        ids: np.ndarray, lengths: np.ndarray, ends: list[bool], splits: list[str], shard: int, closes: bool
+    ) -> None:
         bounds = np.concatenate([[0], np.cumsum(lengths)])
         start = 0
         for i in range(1, len(splits) + 1):  # runs of pieces of the same split go out as one write
@@ -548,11 +756,13 @@ def tokenize_to_files(
                 start = i
         if progress:
             progress(sum(ends), len(ids))
+        if closes and shard_done:
+            shard_done(shard + 1)
 
     with contextlib.closing(prefetch(_batches(labelled, batch_chars))) as batches:  # closed on errors too
         if num_proc <= 0:
-            for texts, ends, splits in batches:
-                write(*encode_pieces(texts, ends, eos_id, dtype, tokenizer), ends, splits)
+            for texts, ends, splits, shard, closes in batches:
+                write(*encode_pieces(texts, ends, eos_id, dtype, tokenizer), ends, splits, shard, closes)
         else:
             _tokenize_in_workers(batches, tokenizer, eos_id, dtype, num_proc, write)
 
@@ -564,14 +774,14 @@ def _tokenize_in_workers(
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),)) as pool:
         pending: deque = deque()
-        for texts, ends, splits in batches:
-            pending.append((pool.apply_async(encode_pieces, (texts, ends, eos_id, dtype)), ends, splits))
+        for texts, ends, *rest in batches:  # rest: shard, closes
+            pending.append((pool.apply_async(encode_pieces, (texts, ends, eos_id, dtype)), ends, rest))
             if len(pending) >= 2 * num_proc:  # bounded: a slow writer never lets batches pile up
-                job, e, s = pending.popleft()
-                write(*job.get(), e, s)
+                job, e, rest = pending.popleft()
+                write(*job.get(), e, *rest)
         while pending:
-            job, e, s = pending.popleft()
-            write(*job.get(), e, s)
+            job, e, rest = pending.popleft()
+            write(*job.get(), e, *rest)
 
 
 class Progress:
@@ -581,9 +791,10 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_docs, unit="doc", desc="tokenizing", disable=not enabled or None)
-        self.tokens, self.start = 0, time.perf_counter()
+        self.tokens, self.docs, self.start = 0, 0, time.perf_counter()
 
     def __call__(self, docs: int, tokens: int) -> None:
+        self.docs += docs
         self.tokens += tokens
         rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
         self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)

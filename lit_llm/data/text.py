@@ -11,6 +11,8 @@ after both token files are complete, so an interrupted prepare is never mistaken
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,19 +26,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.atomic import atomic_write
 from lit_llm.checkpoint import load_tokenizer
-from lit_llm.data import tinyworld
+from lit_llm.data import stream, tinyworld
 from lit_llm.data.base import BUILTIN, is_builtin
 from lit_llm.data.common import file_stamp, fingerprint
 from lit_llm.data.stream import (
     Corpus,
     CorpusStats,
     DecodeErrors,
+    PrepareProgress,
     Progress,
+    Shards,
     Split,
     SpreadSample,
     TokenFile,
     corpus_stamp,
     remove_stale_temp_files,
+    sharded,
     token_dtype,
     tokenize_to_files,
 )
@@ -139,9 +144,12 @@ class TextDataModule(LightningDataModule):
             )
             if v != default
         }
+        self._stamp = (
+            file_stamp(source) if Path(source).is_file() or is_builtin(source) else corpus_stamp(source)
+        )
         key = fingerprint(
             source,
-            file_stamp(source) if Path(source).is_file() or is_builtin(source) else corpus_stamp(source),
+            self._stamp,
             tokenizer,
             tokenizer_kind,
             tokenizer_vocab_size,
@@ -158,7 +166,7 @@ class TextDataModule(LightningDataModule):
         self._tokenizer: Tokenizer | None = None
         self.train_set: PackedDataset | None = None
         self.val_set: PackedDataset | None = None
-        self._scanned: tuple[CorpusStats, Split, list[str]] | None = None
+        self._scanned: tuple[CorpusStats, Split, list[str], int] | None = None
 
     # ------------------------------------------------------------------------------------------ corpus
     def _tinyworld(self) -> tuple[list[str], list[str]]:
@@ -173,13 +181,16 @@ class TextDataModule(LightningDataModule):
     def _corpus(self) -> Corpus:
         return Corpus(self.source, self.text_field, self.on_decode_error)
 
-    def _scan(self) -> tuple[CorpusStats, Split, list[str]]:
-        """The first pass over a file/``hf:`` corpus (no tokenizing): its counts, its train/validation split
-        and a bounded sample of its training text for the tokenizer, spread over the whole corpus."""
+    def _scan(self) -> tuple[CorpusStats, Split, list[str], int]:
+        """The first pass over a file/``hf:`` corpus (no tokenizing): its counts, its train/validation split,
+        a bounded sample of its training text for the tokenizer, spread over the whole corpus, and its number
+        of shards."""
         if self._scanned is None:
             stats, sample = CorpusStats(), SpreadSample(self.tokenizer_sample_chars)
+            shards = Shards(stream.SHARD_CHARS)
             for text, ends in self._corpus().pieces(stats):  # stats already count this piece
                 sample.add(text, (stats.documents - ends, stats.chars - len(text)))
+                shards.add(len(text))
             split = Split.of(stats, self.source, self.val_fraction, self.val_docs)
             train: list[str] = []
             for _, (doc, start), text in sample.kept:  # the tokenizer sees training text only
@@ -189,7 +200,7 @@ class TextDataModule(LightningDataModule):
                 elif doc < split.n_docs - split.val_docs:
                     train.append(text)
             rank_zero_info(f"{self.source}: {stats.summary()}")
-            self._scanned = stats, split, train
+            self._scanned = stats, split, train, shards.count
         return self._scanned
 
     @property
@@ -237,31 +248,74 @@ class TextDataModule(LightningDataModule):
 
         Both files are written to temporary files and renamed into place when complete; ``meta.json`` is
         written last and marks the cache as finished. Lightning calls this on one process per node.
+
+        The corpus is tokenized shard by shard (about ``stream.SHARD_CHARS`` characters each); a prepare
+        killed part-way (SIGTERM, SIGKILL, Ctrl-C) is resumed by the next one on the same machine from its last
+        finished shard ("resuming from shard k/n"), with the same files as an uninterrupted run. An error
+        (bad bytes, a full disk, too little data) removes the partial files instead.
         """
         meta_path = self.cache / "meta.json"
         if meta_path.exists():
             return
         tok = self.tokenizer
         self.cache.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(self.cache)
         meta: dict[str, Any] = {
             "source": self.source,
             "dtype": token_dtype(tok.vocab_size),
             "vocab_size": tok.vocab_size,
         }
+        shard_chars = stream.SHARD_CHARS
         if is_builtin(self.source):
             train, val = self._tinyworld()
-            labelled = ((d, True, s) for s, docs in (("train", train), ("val", val)) for d in docs)
-            n_docs, num_proc = len(train) + len(val), 0
+            n_train = len(train)
+
+            def pieces():
+                return ((d, True) for d in (*train, *val))
+
+            def label(ps):
+                return ((d, e, "train" if i < n_train else "val") for i, (d, e) in enumerate(ps))
+
+            shards = Shards(shard_chars)
+            for d in (*train, *val):
+                shards.add(len(d))
+            n_docs, num_proc, n_shards, split_rule = len(train) + len(val), 0, shards.count, [n_train]
         else:
-            stats, split, _ = self._scan()
-            labelled = split.label(self._corpus().pieces(CorpusStats()))
-            n_docs = stats.documents
-            num_proc = self.num_proc
-        files = {s: TokenFile(self.cache / f"{s}.bin") for s in ("train", "val")}
+            stats, split, _, n_shards = self._scan()
+
+            def pieces():
+                return self._corpus().pieces(CorpusStats())
+
+            label = split.label
+            n_docs, num_proc, split_rule = stats.documents, self.num_proc, split.__dict__
+        # what the files depend on: an interrupted prepare of another corpus or tokenizer is not resumed
+        identity = {
+            "stamp": self._stamp,
+            "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest(),
+            "dtype": meta["dtype"],
+            "piece_chars": stream.PIECE_CHARS,
+            "shard_chars": shard_chars,
+            "shards": n_shards,
+            "split": split_rule,
+        }
+        state = PrepareProgress(self.cache, identity, rank_zero_info)
+        resume = state.adopt({s: self.cache / f"{s}.bin" for s in ("train", "val")})
+        remove_stale_temp_files(self.cache)  # what is left of other interrupted prepares
+        labelled = sharded(pieces(), label, shard_chars, skip=state.done)
+        files: dict[str, TokenFile] = {}
         progress = Progress(n_docs)
+        progress.docs = state.documents
+        progress.bar.update(state.documents)
         try:
-            tokenize_to_files(labelled, tok.tok, tok.eos_id, files, num_proc, progress=progress)
+            for s in ("train", "val"):
+                path = self.cache / f"{s}.bin"
+                files[s] = TokenFile(path, resume[s]) if s in resume else TokenFile(path)
+
+            def shard_done(done: int) -> None:
+                state.commit(done, progress.docs, files)
+
+            tokenize_to_files(
+                labelled, tok.tok, tok.eos_id, files, num_proc, progress=progress, shard_done=shard_done
+            )
             for split_name, f in files.items():
                 if f.tokens <= self.seq_len:
                     raise DataError(
@@ -270,9 +324,15 @@ class TextDataModule(LightningDataModule):
                     )
             for f in files.values():
                 f.publish()
-        except BaseException:
+        except Exception:  # an error: the partial files are of no use (another run starts over)
             for f in files.values():
                 f.discard()
+            state.remove()
+            raise
+        except BaseException:  # interrupted (Ctrl-C): the files stay for the next run to resume from
+            for f in files.values():
+                with contextlib.suppress(OSError):
+                    f.f.close()
             raise
         finally:
             progress.close()
@@ -281,6 +341,7 @@ class TextDataModule(LightningDataModule):
         if not is_builtin(self.source):
             meta.update(documents=n_docs, stats=self._scan()[0].__dict__)
         atomic_write(meta_path, json.dumps(meta, indent=2))
+        state.remove()
 
     def setup(self, stage: str | None = None) -> None:
         meta_path = self.cache / "meta.json"
@@ -288,7 +349,7 @@ class TextDataModule(LightningDataModule):
             raise DataError(
                 f"the token cache {self.cache} is not prepared (no meta.json): prepare_data() must finish "
                 "first. Lightning runs it on local rank 0 of each node before setup; a prepare that was "
-                "interrupted left no cache, so run again (it starts over)"
+                "interrupted left no cache, so run again (it resumes from its last finished shard)"
             )
         meta = json.loads(meta_path.read_text())
         for split in ("train", "val"):
