@@ -206,24 +206,35 @@ def test_another_corpus_stamp_or_tokenizer_starts_over(corpus, tmp_path, monkeyp
 
 
 def test_interrupted_worker_prepare_resumes(corpus, tmp_path, monkeypatch, caplog):
-    """The same with tokenizer worker processes (num_proc=2): interrupted right after the 3rd shard is
-    recorded, resumed from shard 4, same bytes."""
+    """The same with tokenizer worker processes (num_proc=2) and about 3 batches a shard, interrupted in the
+    middle of a shard: the batches written after the last finished shard are cut off, the rest resumed."""
     monkeypatch.setattr(stream, "SHARD_CHARS", SHARD_CHARS)
     monkeypatch.setattr(stream, "PIECE_CHARS", PIECE_CHARS)
-    real = stream.PrepareProgress.commit
+    real_tokenize = stream.tokenize_to_files
+    monkeypatch.setattr(
+        "lit_llm.data.text.tokenize_to_files", lambda *a, **k: real_tokenize(*a, **k, batch_chars=10_000)
+    )
+    real_call, calls = stream.Progress.__call__, []
 
-    def interrupt_at_third(self, done, *args):
-        real(self, done, *args)
-        if done == 3:
+    def interrupt_at_eleventh_batch(self, docs, tokens):
+        real_call(self, docs, tokens)
+        calls.append(1)
+        if len(calls) == 11:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream.PrepareProgress, "commit", interrupt_at_third)
+    monkeypatch.setattr(stream.Progress, "__call__", interrupt_at_eleventh_batch)
     kw = dict(tokenizer=str(corpus["tokenizer"]), cache_dir=str(tmp_path), seq_len=16, num_proc=2)
+    killed = TextDataModule(str(corpus["folder"]), **kw)
     with pytest.raises(KeyboardInterrupt):
-        TextDataModule(str(corpus["folder"]), **kw).prepare_data()
-    monkeypatch.setattr(stream.PrepareProgress, "commit", real)
+        killed.prepare_data()
+    state = _progress(killed.cache)
+    done, n = state["done"], corpus["shards"]
+    assert 2 <= done < n
+    written = {s: (killed.cache / name).stat().st_size for s, name in state["tmp"].items()}
+    assert written["train"] > state["files"]["train"][0]  # batches of the unfinished shard were written
+    monkeypatch.setattr(stream.Progress, "__call__", real_call)
     dm = TextDataModule(str(corpus["folder"]), **kw)
     with caplog.at_level(logging.INFO):
         dm.prepare_data()
-    assert f"resuming from shard 4/{corpus['shards']}" in caplog.text
+    assert f"resuming from shard {done + 1}/{n}" in caplog.text
     assert _published(dm.cache) == _published(corpus["ref"])
