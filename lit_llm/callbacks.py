@@ -12,7 +12,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+
+from lit_llm.transforms import gathered, is_sharded
 
 # the validation metrics StageCheckpoint(monitor="auto") looks for, in order, with the better direction
 AUTO_MONITOR = (("val/acc", "max"), ("val/loss", "min"))
@@ -134,16 +135,20 @@ class SampleCallback(Callback):
     def __init__(self, every_n_steps: int = 200) -> None:
         self.every_n_steps = every_n_steps
 
-    @rank_zero_only
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not hasattr(pl_module, "sample_texts") or getattr(pl_module, "tokenizer", None) is None:
+            return
+        if not (trainer.is_global_zero or is_sharded(pl_module)):  # sharded: every rank joins the gathering
             return
         was_training = pl_module.training
         pl_module.eval()
         try:
-            samples = pl_module.sample_texts()
+            with gathered(pl_module):
+                samples = pl_module.sample_texts()
         finally:
             pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         text = "\n\n".join(f"**{p}** → {c}" for p, c in samples)
         exp = getattr(trainer.logger, "experiment", None)
         if exp is not None and hasattr(exp, "add_text"):
@@ -219,7 +224,6 @@ class VisionSampleCallback(Callback):
     def __init__(self, n: int = 8, columns: int = 4, scale: int = 4) -> None:
         self.n, self.columns, self.scale = n, columns, scale
 
-    @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         exp = getattr(trainer.logger, "experiment", None)
         examples = getattr(getattr(trainer, "datamodule", None), "val_examples", None)
@@ -227,8 +231,11 @@ class VisionSampleCallback(Callback):
             return
         if not hasattr(pl_module, "image_samples"):
             return
-        samples = pl_module.image_samples(examples[: self.n])
-        if samples:
+        if not (trainer.is_global_zero or is_sharded(pl_module)):  # sharded: every rank joins the gathering
+            return
+        with gathered(pl_module):
+            samples = pl_module.image_samples(examples[: self.n])
+        if samples and trainer.is_global_zero:
             exp.add_image(
                 "val/samples",
                 sample_grid(samples, self.columns, self.scale),

@@ -30,6 +30,8 @@ from lit_llm.errors import CheckpointError, MissingCheckpointError
 from lit_llm.tokenizer import Tokenizer
 
 META_KEY = "lit_llm"
+# the file of a sharded checkpoint folder that holds everything but the weights and optimizer state (Lightning's)
+SHARDED_META = "meta.pt"
 
 
 def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> Any:
@@ -48,9 +50,50 @@ def _torch_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only
         ) from err
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``) with a clear error for a missing or bad file."""
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder of shards written by the sharded strategy (``FSDP2Strategy``)."""
     path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / SHARDED_META).is_file()
+
+
+def gather_sharded(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint in a folder of shards as one ordinary checkpoint: whole weights (``state_dict``) and
+    everything else the run stored (config, tokenizer, loop state), without the optimizer state (kept
+    per parameter name in the folder; a resume reads the folder itself).
+
+    The shards are joined by ``torch.distributed.checkpoint`` into a temporary ``torch.save`` file next to
+    the folder, read back with ``weights_only=True`` and deleted: the memory and disk of one whole copy.
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    ckpt = _torch_load(path / SHARDED_META)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gather-") as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "whole.pt")
+        whole = _torch_load(Path(tmp) / "whole.pt")
+    ckpt["state_dict"] = whole["state_dict"]
+    return ckpt
+
+
+def gather_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the sharded checkpoint folder ``path`` as one ``.ckpt`` file ``out`` (atomically)."""
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is not a folder of checkpoint shards (no .metadata and {SHARDED_META})")
+    out = Path(out)
+    atomic_save(gather_sharded(path), out)
+    return out
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``) with a clear error for a missing or bad file.
+
+    A folder of shards (the sharded strategy's checkpoint) is gathered into one (:func:`gather_sharded`).
+    """
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        return gather_sharded(path)
     if not path.is_file():
         raise MissingCheckpointError(path)
     try:
@@ -65,7 +108,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``lit_llm`` metadata of a checkpoint: ``model_config``, ``tokenizer``, ``stage``."""
-    ckpt = load_checkpoint(path)
+    # a folder of shards keeps it beside the weights: no need to gather them
+    ckpt = _torch_load(Path(path) / SHARDED_META) if is_sharded_checkpoint(path) else load_checkpoint(path)
     if META_KEY not in ckpt:
         raise CheckpointError(f"{path} is not a lit_llm checkpoint (no '{META_KEY}' entry)")
     return ckpt[META_KEY]
@@ -120,7 +164,7 @@ def load_backbone(
         keep_adapters: For an adapter checkpoint: return the model with its (unmerged) ``LoRALinear``
             layers, as :func:`lit_llm.formats.peft.export_peft` wants it.
     """
-    if Path(path).is_dir() or str(path).endswith(".gguf"):
+    if (Path(path).is_dir() and not is_sharded_checkpoint(path)) or str(path).endswith(".gguf"):
         model, tok = import_pretrained(path)
         return model.train(), tok, {"stage": "hf", "model_config": model.config.to_dict()}
     ckpt = load_checkpoint(path)
@@ -289,6 +333,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location, weights_only)
         if not get_filesystem(path).exists(path):
             raise MissingCheckpointError(path)
+        if is_sharded_checkpoint(path):  # the sharded strategy reads its folders itself, never through here
+            raise CheckpointError(
+                f"{path} is a folder of checkpoint shards written by lit_llm.strategies.FSDP2Strategy: resume it "
+                "with that strategy (--trainer.strategy lit_llm.strategies.FSDP2Strategy, any number of "
+                "processes), or gather the weights into one file (lit-llm export --format ckpt) to start a new run "
+                "from them with --model.init_from"
+            )
         return _torch_load(path, map_location, weights_only=True if weights_only is None else weights_only)
 
 

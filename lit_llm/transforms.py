@@ -6,7 +6,12 @@
 * :func:`compile_model` compiles each block's training forward with ``torch.compile`` (one compiled function
   shared by all blocks of the same structure, as torchtitan does).
 
-LoRA adapters, the third transform applied from outside the model, live in :mod:`lit_llm.lora` (they change
+* :func:`shard_stage` shards a stage's trainable models over the processes with FSDP2 (``fully_shard``): each
+  transformer block is one unit, gathered for its forward and backward and freed after; gradients are
+  reduce-scattered, so each process keeps and updates only its share of the weights and optimizer state.
+  :func:`gathered` keeps a sharded model whole for a while (decoding).
+
+LoRA adapters, the fourth transform applied from outside the model, live in :mod:`lit_llm.lora` (they change
 which parameters train and what checkpoints hold, not how a block runs); apply them first.
 
 Both act only on the training path (no KV cache): decoding with a cache stays eager, so generation during
@@ -21,7 +26,9 @@ state dicts and checkpoints, are unchanged. Stages switch them on with ``compile
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -109,3 +116,77 @@ def is_transformed(model: nn.Module) -> dict[str, bool]:
         "activation_checkpointing": all(b.__dict__.get(_AC, False) for b in blocks),
         "compile": all(b.__dict__.get(_COMPILED, False) for b in blocks),
     }
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
+    """Shard ``model`` (a ``Transformer``, or a module holding one) over ``mesh`` with FSDP2, in place.
+
+    Every ``Block`` is its own unit (all-gathered just before its forward and backward, freed after), the
+    rest (embeddings, final norm, head, vision tower, a scalar head) is the root unit, kept gathered from the
+    forward to the backward as FSDP2 does for a root. ``hidden`` (the entry point of decoding and of the
+    scalar heads) is registered as a second forward, so calling it gathers the root like ``forward`` does.
+    Apply after LoRA, activation checkpointing and compile (torchtitan's order).
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    if hasattr(model, "hidden"):
+        register_fsdp_forward_method(model, "hidden")
+    return model
+
+
+def shard_stage(stage: nn.Module, mesh: Any) -> list[str]:
+    """Shard every child of ``stage`` that trains (the policy, a critic, a value head) over ``mesh``.
+
+    Children holding transformer blocks are sharded block by block (:func:`shard_model`), other trainable
+    children (a ``Linear`` head) as one unit. Frozen children (the reference of DPO / PPO / GRPO, a reward
+    model) stay whole on every process: they need no gradient reduction, and decoding or scoring with them
+    needs no communication. Returns the names of the sharded children.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    sharded = []
+    for name, child in stage.named_children():
+        if isinstance(child, FSDPModule) or not any(p.requires_grad for p in child.parameters()):
+            continue
+        if any(isinstance(m, Block) for m in child.modules()):
+            shard_model(child, mesh)
+        else:
+            fully_shard(child, mesh=mesh)
+        sharded.append(name)
+    return sharded
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any part of ``module`` is sharded with FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[nn.Module]:
+    """Keep the FSDP2-sharded parts of ``module`` whole inside the block, then shard them again.
+
+    For decoding: a sharded block gathers its weights at every call, a collective that every process must
+    join, but processes decode different prompts for different numbers of steps. Gathered once up front,
+    the weights stay put and each process decodes on its own (the memory of a whole model for that while).
+    A module without sharded parts passes through unchanged.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    roots = {id(m) for m in units if not any(m is not u and m in set(u.modules()) for u in units)}
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit in units:
+            unit.reshard()
+            # blocks free their weights after each forward again; roots never do (as fully_shard set them)
+            unit.set_reshard_after_forward(id(unit) not in roots, recurse=False)

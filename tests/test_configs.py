@@ -36,7 +36,12 @@ EXPECTED = {
         [LR, CHECKPOINT, THROUGHPUT],
         {"strategy": "ddp"},
     ),
-    "pretrain/tiny-fsdp.yaml": ("pretrain-fsdp", "pretrain-fsdp", [LR, THROUGHPUT], {"accelerator": "gpu"}),
+    "pretrain/tiny-fsdp.yaml": (
+        "pretrain-fsdp",
+        "pretrain-fsdp",
+        [LR, CHECKPOINT, THROUGHPUT],
+        {"devices": 2},
+    ),
     "pretrain/corpus.yaml": (
         "pretrain-corpus",
         "pretrain-corpus",

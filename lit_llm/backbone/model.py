@@ -173,6 +173,18 @@ class Transformer(nn.Module):
             ValueError: ``images`` given to a text-only model, images of the wrong shape, or a count of
                 ``<|patch|>`` tokens that differs from the count of image features (both named).
         """
+        return self._hidden(idx, positions, attn_mask, cache, images)
+
+    def _hidden(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        images: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # the body of both entry points, ``hidden`` and ``forward``: neither calls the other, so a wrapper that
+        # hooks each entry point (FSDP2 gathering the root's weights around a call) sees exactly one call
         B, T = idx.shape
         if cache is not None and cache.static and (positions is None or attn_mask is None):
             raise ValueError(
@@ -249,7 +261,7 @@ class Transformer(nn.Module):
         images: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)``; arguments as in :meth:`hidden`."""
-        return self.lm_head(self.hidden(idx, positions, attn_mask, cache, images))
+        return self.lm_head(self._hidden(idx, positions, attn_mask, cache, images))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,12 +17,16 @@ def main(argv: Sequence[str]) -> None:
         "one GGUF file with the tokenizer and chat template that llama.cpp, Ollama, LM Studio and "
         "llama-cpp-python load (--format gguf).",
     )
-    p.add_argument("--ckpt", required=True, help="a lit_llm checkpoint (.ckpt)")
+    p.add_argument("--ckpt", required=True, help="a lit_llm checkpoint (.ckpt file, or a folder of shards)")
     p.add_argument(
         "--out", required=True, help="output folder (hf) or .gguf file (gguf; its folder must exist)"
     )
     p.add_argument(
-        "--format", choices=["hf", "gguf"], default="hf", help="hf: a Hugging Face folder; gguf: llama.cpp"
+        "--format",
+        choices=["hf", "gguf", "ckpt"],
+        default="hf",
+        help="hf: a Hugging Face folder; gguf: llama.cpp; ckpt: one lit_llm .ckpt file (a sharded checkpoint "
+        "folder gathered: weights, config, tokenizer, no optimizer state)",
     )
     p.add_argument(
         "--arch",
@@ -54,6 +58,11 @@ def main(argv: Sequence[str]) -> None:
 
     if a.format == "hf" and a.dtype == "q8_0":
         raise UserError("--dtype q8_0 is a GGUF quantisation: use it with --format gguf")
+    if a.format == "ckpt":
+        from lit_llm.checkpoint import gather_checkpoint
+
+        print(f"gathered into {gather_checkpoint(a.ckpt, a.out)}")
+        return
     if a.adapter == "peft":
         if a.format != "hf":
             raise UserError("--adapter peft writes a Hugging Face PEFT folder: use it with --format hf")

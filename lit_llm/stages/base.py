@@ -24,6 +24,7 @@ from lit_llm.lora import AdaptersOff, LoRAConfig, apply_lora, base_fingerprint, 
 from lit_llm.optim import build_optimizer
 from lit_llm.rl.scoring import RewardSources, rollout_table
 from lit_llm.tokenizer import Tokenizer
+from lit_llm.transforms import gathered
 
 RNG_KEY = "lit_llm_rng"
 
@@ -127,8 +128,9 @@ class Stage(LightningModule):
 
     def configure_model(self) -> None:
         """Apply the transforms chosen by ``lora``, ``activation_checkpointing`` and ``compile`` (in this
-        order: the checkpointed and compiled blocks contain the adapters)."""
-        from lit_llm.transforms import apply_activation_checkpointing, compile_model
+        order: the checkpointed and compiled blocks contain the adapters), then, under the sharded strategy
+        (:class:`lit_llm.strategies.FSDP2Strategy`, which gives the module a device mesh), shard what trains."""
+        from lit_llm.transforms import apply_activation_checkpointing, compile_model, shard_stage
 
         if self.lora_config is not None and not lora_layers(self.model):
             # the base is fingerprinted before the adapters exist: adapter checkpoints name it by this hash
@@ -141,6 +143,8 @@ class Stage(LightningModule):
             )  # before compile: the compiled code holds the checkpoint
         if self.hparams.get("compile"):
             compile_model(self.model)
+        if self.device_mesh is not None:  # already sharded children are skipped: the hook runs once per fit
+            shard_stage(self, self.device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
         """Quiet Lightning's "module(s) in eval mode" warning when every module in eval mode is frozen: the
@@ -303,7 +307,8 @@ class Stage(LightningModule):
         records = self.data_hook("eval_prompts", lambda: [])()
         if scorer is None or not records or self.trainer.sanity_checking:
             return
-        score, replies = gold_score(self.model, self.tokenizer, records, scorer, max_new_tokens)
+        with gathered(self.model):
+            score, replies = gold_score(self.model, self.tokenizer, records, scorer, max_new_tokens)
         self.log("val/exact_match", score, prog_bar=True, rank_zero_only=True)
         self._samples = [(r["prompt"], reply) for r, reply in zip(records[:4], replies)]
 
@@ -403,9 +408,10 @@ class RLStage(Stage):
         return trainer.strategy.reduce(x, reduce_op=op)
 
     def validation_step(self, records: list[dict], batch_idx: int) -> None:
-        replies = chat_completions(
-            self.model, self.tokenizer, [r["prompt"] for r in records], self.hparams.eval_max_new_tokens
-        )
+        with gathered(self.model):
+            replies = chat_completions(
+                self.model, self.tokenizer, [r["prompt"] for r in records], self.hparams.eval_max_new_tokens
+            )
         _, parts = self.score_replies(records, replies)
         for k, v in parts.items():
             name = "gold_reward" if k == "gold" else k

@@ -23,6 +23,7 @@ from lit_llm import rl
 from lit_llm.errors import UserError
 from lit_llm.rl.scoring import check_sampling_for_rl, response_logits
 from lit_llm.stages.base import RLStage
+from lit_llm.transforms import gathered
 
 
 @dataclass
@@ -157,9 +158,10 @@ class GRPOModule(RLStage):
         G = hp.group_size
         grouped = [r for r in records for _ in range(G)]  # each group's replies in consecutive rows
         self.model.eval()
-        s = rl.sample_replies(
-            self.model, self.tokenizer, grouped, hp.max_new_tokens, hp.temperature, hp.top_k, hp.top_p
-        )
+        with gathered(self.model):  # sharded: whole for decoding, each rank for its own number of steps
+            s = rl.sample_replies(
+                self.model, self.tokenizer, grouped, hp.max_new_tokens, hp.temperature, hp.top_k, hp.top_p
+            )
         logprobs = rl.logprobs_from_logits(
             response_logits(self.model, s.seq, s.valid, s.P, hp.temperature), s.resp
         )  # (B, N)

@@ -27,6 +27,7 @@ from lit_llm.checkpoint import load_backbone
 from lit_llm.errors import UserError
 from lit_llm.rl.scoring import check_sampling_for_rl, response_logits
 from lit_llm.stages.base import RLStage
+from lit_llm.transforms import gathered
 
 # the KL controller's state in a checkpoint (an adaptive beta survives a resume)
 KL_CTL_KEY = "lit_llm_ppo_kl_ctl"
@@ -210,9 +211,10 @@ class PPOModule(RLStage):
         hp = self.hparams
         self.model.eval()
         self.critic.eval()
-        s = rl.sample_replies(
-            self.model, self.tokenizer, records, hp.max_new_tokens, hp.temperature, hp.top_k, hp.top_p
-        )
+        with gathered(self.model):  # sharded: whole for decoding, each rank for its own number of steps
+            s = rl.sample_replies(
+                self.model, self.tokenizer, records, hp.max_new_tokens, hp.temperature, hp.top_k, hp.top_p
+            )
         logprobs = rl.logprobs_from_logits(self._response_logits(self.model, s.seq, s.valid, s.P), s.resp)
         ref_logprobs = rl.logprobs_from_logits(self._response_logits(self.ref, s.seq, s.valid, s.P), s.resp)
         values = self._values(s.seq, s.valid, s.P)
