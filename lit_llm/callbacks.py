@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ class StageCheckpoint(ModelCheckpoint):
       the class for a plain ``ModelCheckpoint``, which must not inherit a metric called "auto".)
     * ``filename="step{step}"``, ``save_last=True``, and ``enable_version_counter=False``: a rerun replaces
       ``last.ckpt``, which the next stage reads.
+
+    Built on ``ModelCheckpoint``'s public interface only: until the metric is known, ``monitor`` is ``None``
+    and ``save_top_k`` 0 (nothing is ranked, ``last.ckpt`` is kept as ``ModelCheckpoint`` keeps it); the
+    public hooks that save (``on_train_batch_end``, ``on_train_epoch_end``, ``on_validation_end``) first look
+    for the metric in ``trainer.callback_metrics`` and, once found, set ``monitor``, ``mode`` and the
+    requested ``save_top_k``. ``state_key`` is built from this callback's own arguments, with "auto" for the
+    metric, so it is the same before and after the metric is found and ``--ckpt_path`` restores its state.
     """
 
     def __init__(
@@ -44,57 +52,78 @@ class StageCheckpoint(ModelCheckpoint):
         mode: str = "min",
         auto_insert_metric_name: bool = False,
         every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        every_n_epochs: int | None = None,
         enable_version_counter: bool = False,
         **kwargs: Any,
     ) -> None:
-        self._auto_monitor = auto_monitor and monitor is None
+        self.auto_monitor = auto_monitor and monitor is None
+        self.requested_top_k = save_top_k
+        # what state_key names (ModelCheckpoint's own key, with the triggers' defaults filled in as it does)
+        if every_n_train_steps is None and every_n_epochs is None and train_time_interval is None:
+            every_n_epochs, every_n_train_steps = 1, 0
+        self.triggers = {
+            "every_n_train_steps": every_n_train_steps or 0,
+            "every_n_epochs": every_n_epochs or 0,
+            "train_time_interval": train_time_interval,
+        }
         super().__init__(
             dirpath=dirpath,
             filename=filename,
             monitor=monitor,
             save_last=save_last,
-            save_top_k=save_top_k,
+            save_top_k=0 if self.auto_monitor else save_top_k,  # nothing to rank by until the metric is seen
             mode=mode,
             auto_insert_metric_name=auto_insert_metric_name,
             every_n_train_steps=every_n_train_steps,
+            train_time_interval=train_time_interval,
+            every_n_epochs=every_n_epochs,
             enable_version_counter=enable_version_counter,
             **kwargs,
         )
 
     @property
     def state_key(self) -> str:
-        # stable while "auto" is unresolved and after, so --ckpt_path restores this callback's state
-        return self._generate_state_key(
-            monitor="auto" if self._auto_monitor else self.monitor,
-            mode="auto" if self._auto_monitor else self.mode,
-            every_n_train_steps=self._every_n_train_steps,
-            every_n_epochs=self._every_n_epochs,
-            train_time_interval=self._train_time_interval,
-        )
+        # stable while "auto" is unresolved and after, so --ckpt_path restores this callback's state (the same
+        # string as ModelCheckpoint's key with monitor and mode "auto": older checkpoints restore too)
+        key = {
+            "monitor": "auto" if self.auto_monitor else self.monitor,
+            "mode": "auto" if self.auto_monitor else self.mode,
+            **self.triggers,
+        }
+        return f"{type(self).__qualname__}{key!r}"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.realpath(os.path.expanduser(str(trainer.default_root_dir)))
         super().setup(trainer, pl_module, stage)
 
-    def _resolve_monitor(self, metrics: dict[str, Any]) -> bool:
-        """Fix ``monitor``/``mode`` from the first metrics that hold an ``AUTO_MONITOR`` key."""
+    def resolve_monitor(self, metrics: dict[str, Any]) -> bool:
+        """With ``auto_monitor``: fix ``monitor`` and ``mode`` from the first ``AUTO_MONITOR`` key ``metrics``
+        hold, and rank checkpoints from then on (the requested ``save_top_k``). Whether the metric is known."""
+        if not self.auto_monitor or self.monitor is not None:
+            return self.monitor is not None
         for key, mode in AUTO_MONITOR:
             if key in metrics:
-                self.monitor, self.mode = key, mode
-                if self.best_model_score is None and not self.best_k_models:
-                    self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
+                self.monitor, self.mode, self.save_top_k = key, mode, self.requested_top_k
                 return True
         return False
 
-    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
-        if self._auto_monitor and self.monitor is None and not self._resolve_monitor(monitor_candidates):
-            return  # nothing to rank by (yet): only last.ckpt
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.resolve_monitor(trainer.callback_metrics)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.resolve_monitor(trainer.callback_metrics)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.resolve_monitor(trainer.callback_metrics)
+        super().on_validation_end(trainer, pl_module)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._auto_monitor and state_dict.get("monitor"):
-            self._resolve_monitor({state_dict["monitor"]: None})
+        if state_dict.get("monitor"):  # resumed after the metric was found: rank by it from the first step
+            self.resolve_monitor({state_dict["monitor"]: None})
         super().load_state_dict(state_dict)
 
 

@@ -200,11 +200,11 @@ def test_stage_checkpoint_and_logger_follow_default_root_dir(tmp_path):
     ckpt.setup(trainer, None, "fit")
     assert Path(ckpt.dirpath) == (tmp_path / "sft").resolve()
     # monitor "auto": val/acc (max) when logged, else val/loss (min); neither: nothing ranked yet
-    assert ckpt.monitor is None and not ckpt._resolve_monitor({"val/gold_reward": 1})
-    assert ckpt._resolve_monitor({"val/loss": 1.0, "val/acc": 0.5}) and (ckpt.monitor, ckpt.mode) == (
+    assert ckpt.monitor is None and not ckpt.resolve_monitor({"val/gold_reward": 1})
+    assert ckpt.resolve_monitor({"val/loss": 1.0, "val/acc": 0.5}) and (ckpt.monitor, ckpt.mode) == (
         "val/acc",
         "max",
     )
     other = StageCheckpoint()
-    assert other._resolve_monitor({"val/loss": 1.0}) and (other.monitor, other.mode) == ("val/loss", "min")
+    assert other.resolve_monitor({"val/loss": 1.0}) and (other.monitor, other.mode) == ("val/loss", "min")
     assert other.state_key == StageCheckpoint().state_key  # stable for --ckpt_path resume
