@@ -80,7 +80,9 @@ def gather_sharded(path: str | os.PathLike) -> dict[str, Any]:
 def gather_checkpoint(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the sharded checkpoint folder ``path`` as one ``.ckpt`` file ``out`` (atomically)."""
     if not is_sharded_checkpoint(path):
-        raise CheckpointError(f"{path} is not a folder of checkpoint shards (no .metadata and {SHARDED_META})")
+        raise CheckpointError(
+            f"{path} is not a folder of checkpoint shards (no .metadata and {SHARDED_META})"
+        )
     out = Path(out)
     atomic_save(gather_sharded(path), out)
     return out

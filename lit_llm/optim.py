@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lit_llm.backbone.moe import Experts
 
@@ -222,11 +223,19 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+            sharded = isinstance(update, DTensor)  # FSDP2: this rank holds some rows of the matrix
+            if sharded:
+                # orthogonalisation is a property of the whole matrix, not of a block of its rows: gather it,
+                # orthogonalise it (the same result on every rank, as under DDP), keep this rank's rows
+                mesh, placements = update.device_mesh, update.placements
+                update = update.full_tensor()
             matrices = as_matrices(update, layout, chunks)  # (N, fan_out, fan_in)
-            ortho = orthogonalize(matrices, group["ns_steps"])
+            ortho = from_matrices(orthogonalize(matrices, group["ns_steps"]), update.shape, layout, chunks)
+            if sharded:  # every rank has the whole result: each cuts out its own share, no communication
+                ortho = distribute_tensor(ortho, mesh, placements, src_data_rank=None)
             step_lr = adjusted_lr(lr, matrices.shape[-2], matrices.shape[-1], group["adjust_lr"])
             p.mul_(1 - lr * wd)  # decoupled decay with the group's lr, as torch.optim.Muon
-            p.add_(from_matrices(ortho, p.shape, layout, chunks).to(p.dtype), alpha=-step_lr)
+            p.add_(ortho.to(p.dtype), alpha=-step_lr)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]

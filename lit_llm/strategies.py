@@ -20,6 +20,22 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 
+def register_strategies() -> None:
+    """Give the strategy short names for ``--trainer.strategy``: ``fsdp2`` (folders of shards) and
+    ``fsdp2_gathered`` (single checkpoint files gathered on rank 0). ``lit-llm`` calls it before it builds
+    the trainer (not at import: importing a module changes no global registry)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for name, sharded in (("fsdp2", True), ("fsdp2_gathered", False)):
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(
+                name,
+                FSDP2Strategy,
+                description=f"lit_llm's FSDP2 over every process (save_distributed_checkpoint={sharded})",
+                save_distributed_checkpoint=sharded,
+            )
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2): parameters, gradients and optimizer state split over all processes.
 
@@ -74,6 +90,50 @@ class FSDP2Strategy(ModelParallelStrategy):
             os.replace(partial, path)
             shutil.rmtree(old, ignore_errors=True)
         self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a folder of shards into the sharded module and its optimizers, re-split for this run's
+        number of processes; return the rest (loop state, callbacks, lit_llm's metadata) for Lightning.
+
+        Unlike the parent, a parameter the folder does not hold is allowed when it is frozen: stages leave
+        frozen weights out of their checkpoints (a LoRA base, the reference of DPO / PPO / GRPO, a reward
+        model) and rebuild them from the checkpoints they name. A trainable parameter missing is an error.
+        """
+        path = Path(self.broadcast(str(checkpoint_path)))
+        from lit_llm.checkpoint import SHARDED_META, is_sharded_checkpoint
+
+        if not is_sharded_checkpoint(path):  # one gathered file: the parent broadcasts it from rank 0
+            return super().load_checkpoint(path, weights_only=weights_only)
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from lit_llm.errors import CheckpointError
+
+        stored = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+        state = {"state_dict": get_model_state_dict(self.model)}
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(n for n in state["state_dict"] if f"state_dict.{n}" not in stored and n in trainable)
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint {path} lacks trained weights of this run ({', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}): was it written by another stage or model?"
+            )
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=False))
+        for i, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{i}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key])
+        return torch.load(path / SHARDED_META, map_location="cpu", weights_only=weights_only is not False)
 
     def setup_environment(self) -> None:
         # one data-parallel group over every process (the parent's "auto" would make one per node)

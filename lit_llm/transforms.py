@@ -119,13 +119,18 @@ def is_transformed(model: nn.Module) -> dict[str, bool]:
 
 
 # ----------------------------------------------------------------------------------------------- sharding
+# methods that stages call on a model instead of forward (Transformer.hidden, ScalarHeadModel.values)
+ENTRY_POINTS = ("hidden", "values")
+
+
 def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
     """Shard ``model`` (a ``Transformer``, or a module holding one) over ``mesh`` with FSDP2, in place.
 
     Every ``Block`` is its own unit (all-gathered just before its forward and backward, freed after), the
     rest (embeddings, final norm, head, vision tower, a scalar head) is the root unit, kept gathered from the
-    forward to the backward as FSDP2 does for a root. ``hidden`` (the entry point of decoding and of the
-    scalar heads) is registered as a second forward, so calling it gathers the root like ``forward`` does.
+    forward to the backward as FSDP2 does for a root. The methods called instead of ``forward``
+    (:data:`ENTRY_POINTS`: a Transformer's ``hidden`` for decoding and scalar heads, a critic's ``values``)
+    are registered as further forwards, so calling them gathers the root as ``forward`` does.
     Apply after LoRA, activation checkpointing and compile (torchtitan's order).
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -133,8 +138,9 @@ def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
-    if hasattr(model, "hidden"):
-        register_fsdp_forward_method(model, "hidden")
+    for entry in ENTRY_POINTS:
+        if callable(getattr(model, entry, None)):
+            register_fsdp_forward_method(model, entry)
     return model
 
 

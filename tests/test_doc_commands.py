@@ -13,7 +13,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from lit_llm.errors import MissingCheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = course_files(ROOT)
-DOCS = [ROOT / "README.md", *COURSE]
+DOCS = [ROOT / "README.md", *COURSE, ROOT / "docs/scaling.md"]
 
 # programs the docs name that these tests do not run, and why
 NOT_RUN = {
@@ -36,6 +38,7 @@ NOT_RUN = {
     "pip": "installs, or downloads from the internet (the model it fetches is stood in for by _prepare)",
     "unzip": "unpacks the download (stood in for by _prepare)",
     "tensorboard": "a server that runs until stopped",
+    "torchrun": "launches one node of a multi-node run (two nodes on localhost: tests/test_distributed.py)",
     "curl": "talks to a running `lit-llm serve` (the server is tested in test_serve.py)",
     "llama-cli": "llama.cpp's program, not installed here (GGUF files are checked in test_gguf.py)",
 }
@@ -126,6 +129,15 @@ def _workdir(tmp_path_factory, key: str) -> Path:
     return _WORK[key]
 
 
+def _processes(argv: list[str]) -> int:
+    """The processes per node a ``lit-llm fit`` command starts (``--trainer.devices`` or its config's)."""
+    if "--trainer.devices" in argv:
+        return int(argv[argv.index("--trainer.devices") + 1])
+    configs = [argv[i + 1] for i, w in enumerate(argv[:-1]) if w == "--config"]
+    devices = [yaml.safe_load((ROOT / c).read_text()).get("trainer", {}).get("devices") for c in configs]
+    return next((d for d in reversed(devices) if isinstance(d, int)), 1)
+
+
 def run_doc_command(cmd: DocCommand, monkeypatch) -> bool:
     """Run one documented command in the current folder with fast settings; False when it is not run here."""
     prog = cmd.argv[0]
@@ -134,6 +146,19 @@ def run_doc_command(cmd: DocCommand, monkeypatch) -> bool:
         return False
     if cmd.argv[1] in NOT_RUN_LIT:
         return False
+    if cmd.argv[1] == "fit" and _processes(cmd.argv) > 1:
+        # Lightning starts the other processes by running this program again: a subprocess, not pytest
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        env.pop("LOCAL_RANK", None)
+        out = subprocess.run(
+            [sys.executable, "-m", "lit_llm", *fast_args(cmd.argv[1:])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, f"{cmd.where}: `{cmd.text}` failed:\n{out.stderr[-3000:]}"
+        return True
     monkeypatch.setattr(
         sys, "stdin", io.StringIO("Where is Alice?\n/exit\n")
     )  # chat: one question, then quit

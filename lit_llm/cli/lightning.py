@@ -11,6 +11,17 @@ from pathlib import Path
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from lit_llm.errors import UserError
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process of the run went away (gloo / NCCL)."""
+    text = str(err)
+    return any(
+        s in text
+        for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+    )
+
 
 class LitLLMCLI(LightningCLI):
     """LightningCLI with the links that keep model and data consistent.
@@ -48,6 +59,17 @@ class LitLLMCLI(LightningCLI):
                 "and --ckpt_path last (or the path of last.ckpt).\n"
             )
             raise SystemExit(128 + signal.SIGTERM) from None
+        except RuntimeError as err:
+            if not lost_peer(err):
+                raise
+            trainer = getattr(self, "trainer", None)
+            step = f" at step {trainer.global_step}" if trainer is not None else ""
+            where = f" under {trainer.default_root_dir}" if trainer is not None else ""
+            raise UserError(
+                f"another process of this run stopped{step} (it died or was killed; its own output says why): "
+                f"{str(err).splitlines()[0][:200]}. The checkpoints{where} are whole (they are written to a "
+                "temporary name and renamed); resume with the same command and --ckpt_path last."
+            ) from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -66,7 +88,18 @@ class LitLLMCLI(LightningCLI):
 
         configured = self._get(self.config_init, "trainer", default={}).get("plugins")
         kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins", configured))
-        trainer = super().instantiate_trainer(**kwargs)
+        from lit_llm.strategies import register_strategies
+
+        register_strategies()
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as err:
+            if "requires a GPU accelerator" in str(err):  # Lightning's FSDP (FSDP1) on a CPU
+                raise UserError(
+                    f"{err} On this machine use --trainer.strategy fsdp2 (lit_llm's FSDP2, on CPUs and GPUs) "
+                    "or ddp."
+                ) from None
+            raise
         from lit_llm.callbacks import stage_logger_names
 
         stage_logger_names(trainer)

@@ -92,6 +92,8 @@ class Stage(LightningModule):
         if self.lora_config is not None and init_from is None:
             raise UserError("LoRA adapts a trained model: set --model.init_from path/to/checkpoint")
         self._lora_base: dict[str, Any] | None = None
+        # frozen children named in checkpoints instead of stored: {name: {"path", "sha256", "what"}}
+        self._frozen_parts: dict[str, dict[str, str]] = {}
         self.tokenizer: Tokenizer | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         if init_from is not None:
@@ -125,6 +127,28 @@ class Stage(LightningModule):
         if self.lora_config is not None:
             return AdaptersOff(self.model)
         return copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def set_frozen(self, name: str, module: Any, path: str | None, what: str) -> Any:
+        """Make ``module`` the frozen child ``name`` (``self.ref``, ``self.rm``), rebuilt from the checkpoint
+        ``path`` by every run: checkpoints do not store its weights but name it by path and weight hash
+        (``base_fingerprint``), and a resume checks the hash and puts the weights back (``_restore_frozen_base``).
+        ``what`` names it in errors. ``path`` ``None`` or a module that is not an ``nn.Module`` (the policy
+        with its adapters off): nothing to name, it holds no weights of its own."""
+        setattr(self, name, module)
+        self._frozen_parts.pop(name, None)
+        if isinstance(module, torch.nn.Module) and path is not None:
+            module.requires_grad_(False)
+            self._frozen_parts[name] = {
+                "path": str(Path(path).resolve()),  # absolute: later commands run from anywhere
+                # hashed as loaded (before a precision plugin converts it): the next run's rebuild hashes the same
+                "sha256": base_fingerprint(module),
+                "what": what,
+            }
+        return module
+
+    def frozen_fingerprints(self) -> dict[str, dict[str, str]]:
+        """``{name: {"path", "sha256"}}`` of the frozen children: what a checkpoint stores instead of them."""
+        return {name: {"path": p["path"], "sha256": p["sha256"]} for name, p in self._frozen_parts.items()}
 
     def configure_model(self) -> None:
         """Apply the transforms chosen by ``lora``, ``activation_checkpointing`` and ``compile`` (in this
@@ -188,6 +212,7 @@ class Stage(LightningModule):
             for name, p in self.model.named_parameters(remove_duplicate=False):
                 if not p.requires_grad:
                     state.pop(f"model.{name}", None)
+        self._drop_frozen_parts(checkpoint)
         # the RNG state (dropout, sampling) so that a resumed run draws what the uninterrupted one would have
         checkpoint[RNG_KEY] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -217,9 +242,50 @@ class Stage(LightningModule):
         self._restore_frozen_base(checkpoint, meta.get("lora"))
         self._rng_to_restore = checkpoint.get(RNG_KEY)
 
+    def _drop_frozen_parts(self, checkpoint: dict[str, Any]) -> None:
+        """Take the frozen children's weights out of the checkpoint and name them instead (``frozen``: path and
+        hash). A folder of shards (the sharded strategy; its weights are ``DTensor``) keeps them: its resume
+        loads the module's whole state dict with ``torch.distributed.checkpoint`` before any hook runs."""
+        from torch.distributed.tensor import DTensor
+
+        state = checkpoint["state_dict"]
+        if not self._frozen_parts or any(isinstance(v, DTensor) for v in state.values()):
+            return
+        for name in self._frozen_parts:
+            for key in [k for k in state if k.startswith(f"{name}.")]:
+                del state[key]
+        checkpoint[META_KEY]["frozen"] = self.frozen_fingerprints()
+
+    def _restore_frozen_parts(self, checkpoint: dict[str, Any], saved: dict[str, Any]) -> None:
+        """Resuming: check that each frozen child this run rebuilt (from ``init_from``, ``ref_from``,
+        ``reward_model``) has the weights the checkpoint names, and put them back into its state dict, so
+        that it loads strictly. A checkpoint that stored them (written before, or a folder of shards) loads
+        them as they are."""
+        # None: a folder of shards, whose weights the sharded strategy has loaded already (frozen ones it
+        # does not hold keep what this run built); only the hashes are checked then
+        state = checkpoint.get("state_dict")
+        ours = self.frozen_fingerprints() if saved else {}
+        for name, theirs in saved.items():
+            if name not in ours:
+                continue  # this run has no such child (GRPO resumed with kl_coef 0): nothing to load
+            if theirs["sha256"] != ours[name]["sha256"]:
+                what = self._frozen_parts[name]["what"]
+                raise CheckpointError(
+                    f"the checkpoint's frozen {what} ({name}) was {theirs['path']} (sha256 "
+                    f"{theirs['sha256'][:12]}...), but this run's {ours[name]['path']} has other weights (sha256 "
+                    f"{ours[name]['sha256'][:12]}...): resume with the {what} the run started with"
+                )
+        for name in self._frozen_parts if state is not None else ():
+            prefix = f"{name}."
+            if not any(k.startswith(prefix) for k in state):
+                for k, v in getattr(self, name).state_dict().items():
+                    state[prefix + k] = v.detach()
+
     def _restore_frozen_base(self, checkpoint: dict[str, Any], saved: dict[str, Any] | None) -> None:
         """Resuming a LoRA run: check that the checkpoint's adapters belong to this run's base and put the
-        base weights (not stored in the checkpoint) back into its state dict, so that it loads strictly."""
+        base weights (not stored in the checkpoint) back into its state dict, so that it loads strictly.
+        Then the same for the frozen children (``set_frozen``): reference, reward model."""
+        self._restore_frozen_parts(checkpoint, checkpoint.get(META_KEY, {}).get("frozen") or {})
         ours = self._lora_base
         if saved is None and ours is None:
             return
@@ -237,8 +303,8 @@ class Stage(LightningModule):
             raise CheckpointError(
                 f"the checkpoint's LoRA config {saved['config']} differs from this run's {self.lora_config.to_dict()}"
             )
-        state = checkpoint["state_dict"]
-        for name, p in self.model.named_parameters(remove_duplicate=False):
+        state = checkpoint.get("state_dict")  # None: a folder of shards, loaded by the strategy already
+        for name, p in self.model.named_parameters(remove_duplicate=False) if state is not None else ():
             if not p.requires_grad:
                 state.setdefault(f"model.{name}", p.detach())
 
@@ -312,6 +378,25 @@ class Stage(LightningModule):
         self.log("val/exact_match", score, prog_bar=True, rank_zero_only=True)
         self._samples = [(r["prompt"], reply) for r, reply in zip(records[:4], replies)]
 
+    def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """``x`` reduced over the ranks (``"sum"`` or ``"mean"``); itself on a single process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return x
+        return trainer.strategy.reduce(x, reduce_op=op)
+
+    def token_weight(self, mask: torch.Tensor) -> torch.Tensor:
+        """The factor that makes a token-mean loss of this rank's minibatch average correctly over ranks.
+
+        DDP and FSDP average the gradients of the ranks' losses. A rank's token-mean divides by its own
+        token count, so the average of the ranks' means weighs a token of a short minibatch more than one
+        of a long one, unlike one process holding the whole global minibatch. Multiplied by ``n_rank /
+        mean_n`` (this rank's real tokens over the mean count of the ranks), every rank's loss is its token
+        sum over the mean count, and their average is the global token sum over the global count: the
+        single-process loss. 1 on one process."""
+        n = mask.sum().float().detach()
+        return n / self.reduce(n.clone(), "mean").clamp_min(1.0)
+
     def data_hook(self, name: str, default: Any = None) -> Any:
         """What the DataModule provides for this stage (``eval_prompts``, ``gold_reward``, ...), or ``default``.
 
@@ -372,8 +457,8 @@ class RLStage(Stage):
         self.automatic_optimization = False
         self.rm: RewardModel | None = None
         if reward_model is not None:
-            self.rm, rm_tok = RewardModel.load(reward_model)
-            self.rm.requires_grad_(False)
+            rm, rm_tok = RewardModel.load(reward_model)
+            self.set_frozen("rm", rm, reward_model, "reward model")
             if rm_tok.to_str() != self.tokenizer.to_str():
                 raise CheckpointError(
                     f"{reward_model} uses a different tokenizer than the policy {init_from}"
@@ -399,13 +484,6 @@ class RLStage(Stage):
         scheds = self.lr_schedulers() or []
         for sched in scheds if isinstance(scheds, list) else [scheds]:
             sched.step()
-
-    def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        """``x`` reduced over the ranks (``"sum"`` or ``"mean"``); itself on a single process."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return x
-        return trainer.strategy.reduce(x, reduce_op=op)
 
     def validation_step(self, records: list[dict], batch_idx: int) -> None:
         with gathered(self.model):

@@ -84,9 +84,10 @@ class DPOModule(Stage):
         self.nll_coef = nll_coef
         self.average_logprobs = loss_type == "ipo" if average_logprobs is None else average_logprobs
         self.eval_max_new_tokens = eval_max_new_tokens
+        # frozen, not stored in checkpoints: named by path and weight hash, rebuilt by a resumed run
         if ref_from is None:
             # a frozen copy of the policy, or with LoRA the policy itself with its adapters off
-            self.ref = self.frozen_reference()
+            self.set_frozen("ref", self.frozen_reference(), self.hparams.init_from, "reference")
         else:
             ref, ref_tok, _ = load_backbone(ref_from)
             if ref_tok.to_str() != self.tokenizer.to_str():
@@ -94,7 +95,7 @@ class DPOModule(Stage):
                     f"the reference {ref_from} uses a different tokenizer than the policy {self.hparams.init_from}: "
                     "DPO compares both models' log-probs of the same token ids"
                 )
-            self.ref = ref.requires_grad_(False).eval()
+            self.set_frozen("ref", ref.eval(), ref_from, "reference")
         self._samples: list[tuple[str, str]] = []
 
     def train(self, mode: bool = True) -> DPOModule:

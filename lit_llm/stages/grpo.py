@@ -134,7 +134,8 @@ class GRPOModule(RLStage):
         super().__init__(init_from=init_from, **kwargs)
         self.init_rewards(reward_model, reward_fn, reward_model_weight, reward_fn_weight, gold_fn)
         # the frozen reference exists only for the KL term: without it, no copy of the policy is kept
-        self.ref = self.frozen_reference() if kl_coef > 0 else None
+        # (named in checkpoints by path and weight hash, not stored)
+        self.set_frozen("ref", self.frozen_reference() if kl_coef > 0 else None, init_from, "reference")
 
     def configure_optimizers(self):
         """The policy's optimizer (``optimizer``: AdamW, or Muon beside AdamW; no decay on norms and biases)
@@ -195,7 +196,7 @@ class GRPOModule(RLStage):
                 "checkpoint is kept. Lower the learning rate."
             )
         opt.zero_grad()
-        self.manual_backward(loss)
+        self.manual_backward(loss * self.token_weight(mb.mask))  # the token mean of the global minibatch
         self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         with torch.no_grad():

@@ -151,7 +151,9 @@ class PPOModule(RLStage):
         kwargs.setdefault("weight_decay", 0.0)
         super().__init__(init_from=init_from, **kwargs)
         self.init_rewards(reward_model, reward_fn, reward_model_weight, reward_fn_weight, gold_fn)
-        self.ref = self.frozen_reference()
+        self.set_frozen(
+            "ref", self.frozen_reference(), init_from, "reference"
+        )  # named in checkpoints, not stored
         if critic == "reward_model":
             if self.rm is None:
                 raise UserError("critic='reward_model' needs --model.reward_model (or use critic='policy')")
@@ -257,7 +259,8 @@ class PPOModule(RLStage):
             )
         policy_opt.zero_grad()
         critic_opt.zero_grad()
-        self.manual_backward(loss + vf_loss)
+        # every term is a mean over the minibatch's reply tokens: weighted, the mean over every rank's tokens
+        self.manual_backward((loss + vf_loss) * self.token_weight(mb.mask))
         self.clip_gradients(policy_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
         self.clip_gradients(critic_opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
         policy_opt.step()

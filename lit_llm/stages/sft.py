@@ -93,6 +93,8 @@ class SFTModule(Stage):
         self.log(f"{stage}/token_acc", acc, on_step=on_step, on_epoch=not on_step, batch_size=n)
         if stage != "train" and "qtypes" in batch:
             self.count_exact(batch, logits)
+        if on_step:  # several processes: the mean over the labelled tokens of the global batch
+            return loss * self.token_weight(batch["labels"] != IGNORE_INDEX)
         return loss
 
     @torch.no_grad()
@@ -114,12 +116,23 @@ class SFTModule(Stage):
 
     def on_validation_epoch_end(self) -> None:
         self.log_gold_score(self.eval_max_new_tokens)
-        if not self._exact or self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
             return
-        types = sorted(self._exact)
-        counts = torch.tensor([self._exact[t] for t in types], dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:  # every rank holds a shard of the validation set: add them up
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        exact = self._exact
+        if self.trainer.world_size > 1:
+            # every rank holds a shard of the validation set, with its own question types (or none): add up
+            # the counts of every rank's types (a reduce of per-rank tensors would pair different types, or
+            # wait forever for a rank that has none)
+            parts: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, exact)
+            exact = {}
+            for part in parts:
+                for t, c in part.items():
+                    exact[t] = [a + b for a, b in zip(exact.get(t, [0, 0, 0]), c)]
+        if not exact:
+            return
+        types = sorted(exact)
+        counts = torch.tensor([exact[t] for t in types], dtype=torch.float64)
         total = counts.sum(0)
         self.log("val/exact", total[0] / total[2], prog_bar=True, rank_zero_only=True)
         self.log("val/exact_shuffled", total[1] / total[2], rank_zero_only=True)
