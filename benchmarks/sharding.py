@@ -8,7 +8,8 @@ under FSDP2), its peak resident memory, and the steady tokens/s (all processes, 
 
     python benchmarks/sharding.py                               # tiny: 1 proc, DDP x2, FSDP2 x2
     python benchmarks/sharding.py --preset llama-125m --steps 4 --batch_size 1 --seq_len 256
-    python benchmarks/sharding.py --preset llama-125m --only ddp2 fsdp2 --data_limit_gb 3.5   # DDP cannot fit
+    python benchmarks/sharding.py --preset llama-125m --overrides '{"n_layer": 24, "n_embd": 1024, "n_head": 16}' \
+        --steps 2 --batch_size 1 --only ddp2 fsdp2 --data_limit_gb 4           # DDP cannot fit, FSDP2 trains
 
 ``--data_limit_gb`` caps each process's data segment (``RLIMIT_DATA``: heap and private mappings, where
 torch's tensors live) to show a model that DDP cannot train in that memory and FSDP2 can.
@@ -91,7 +92,12 @@ def write_config(run: Path, args: argparse.Namespace, devices: int, strategy: st
         },
         "model": {
             "class_path": "lit_llm.stages.CausalLM",
-            "init_args": {"preset": args.preset, "learning_rate": 1e-4, "warmup_steps": 1},
+            "init_args": {
+                "preset": args.preset,
+                "model_overrides": args.overrides,
+                "learning_rate": 1e-4,
+                "warmup_steps": 1,
+            },
         },
         "data": {
             "class_path": "lit_llm.data.text.TextDataModule",
@@ -158,6 +164,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--preset", default="tiny")
+    p.add_argument(
+        "--overrides", type=json.loads, default=None, help="model_overrides as JSON, e.g. '{\"n_layer\": 24}'"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=8, help="sequences per process and step")
     p.add_argument("--seq_len", type=int, default=256)
@@ -180,7 +189,7 @@ def main() -> None:
     )
     limit = f", RLIMIT_DATA {args.data_limit_gb} GB per process" if args.data_limit_gb else ""
     print(
-        f"\n{args.preset}, seq_len {args.seq_len}, batch {args.batch_size} per process, {args.steps} steps{limit}"
+        f"\n{args.preset} {args.overrides or ''}, seq_len {args.seq_len}, batch {args.batch_size} per process, {args.steps} steps{limit}"
     )
     print(f"{machine}\n")
     print("| config | state per process MB (params + grads + optimizer) | peak RSS MB | tokens/s | wall s |")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,30 @@ def test_fsdp2_on_two_cpu_processes_trains_saves_resumes_and_gathers(tmp_path):
     for (n, a), (_, b) in zip(from_file.state_dict().items(), from_folder.state_dict().items()):
         assert torch.equal(a, b), n
     assert from_file.config.n_layer == 2 and tok.vocab_size == from_file.config.vocab_size
+
+
+@pytest.mark.slow
+def test_fsdp2_composes_with_activation_checkpointing_and_compile(tmp_path, monkeypatch):
+    """FSDP2 over blocks that are checkpointed and compiled (2 processes, batch 4 each) takes the steps of one
+    eager process with batch 8; the compiler really ran (its cache is filled)."""
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # the subprocesses inherit it
+    runs = {}
+    for name, devices, batch, strategy in (("single", 1, 8, None), ("fsdp", 2, 4, FSDP2)):
+        (tmp_path / name).mkdir()
+        cfg = _pretrain_config(tmp_path / f"{name}.yaml", devices, batch, strategy)
+        if name == "fsdp":
+            d = yaml.safe_load(cfg.read_text())
+            d["model"]["init_args"].update(activation_checkpointing=True, compile=True)
+            cfg.write_text(yaml.safe_dump(d))
+        _lit_llm(tmp_path / name, "--config", str(cfg))
+        runs[name] = tmp_path / name
+    assert cache.exists() and any(p.is_file() for p in cache.rglob("*"))
+    got = load_checkpoint(tmp_path / "fsdp/ckpt/last.ckpt")
+    assert got["hyper_parameters"]["compile"] and got["hyper_parameters"]["activation_checkpointing"]
+    assert _val_loss(runs["fsdp"]) == pytest.approx(_val_loss(runs["single"]), rel=1e-5)
+    for name, w in _weights(tmp_path / "single/ckpt/last.ckpt").items():
+        torch.testing.assert_close(got["state_dict"][name], w, rtol=1e-4, atol=2e-5, msg=name)
 
 
 def test_a_sharded_folder_resumed_without_the_sharded_strategy_is_refused(tmp_path):
@@ -292,6 +317,55 @@ def test_stage_on_two_processes_matches_one_under_ddp_and_fsdp2(chain, tmp_path,
 
 
 @pytest.mark.slow
+def test_lora_sft_of_a_hugging_face_model_on_two_processes_matches_one(tmp_path):
+    """A real-format model (a tiny random Llama folder written by transformers, its own tokenizer and chat
+    template) fine-tuned with LoRA on 2 processes, under DDP and under FSDP2 (the frozen base sharded with the
+    adapters), reaches the adapters of 1 process with the same global batch."""
+    pytest.importorskip("transformers")
+    from tests.hf_fixtures import make_hf_llama
+
+    folder = make_hf_llama(tmp_path / "hf", "llama3")
+    runs = {}
+    for name, devices, strategy in (
+        ("single", 1, []),
+        ("ddp", 2, STRATEGIES["ddp"]),
+        ("fsdp2", 2, STRATEGIES["fsdp2"]),
+    ):
+        out = tmp_path / "out" / name
+        _fit(
+            tmp_path,
+            "--config",
+            str(ROOT / "configs/sft/smollm2-tinyworld.yaml"),
+            "--model.init_from",
+            str(folder),
+            "--trainer.precision",
+            "32-true",
+            *STAGES["sft"][1],
+            "--trainer.devices",
+            str(devices),
+            *strategy,
+            "--data.batch_size",
+            str(4 * (3 - devices)),
+            "--trainer.default_root_dir",
+            str(out),
+        )
+        runs[name] = load_checkpoint(out / "last.ckpt")
+    want = runs["single"]["state_dict"]
+    adapters = [k for k in want if "lora" in k]
+    assert adapters and len(adapters) == len(want)  # the single file holds the adapters only
+    for name in ("ddp", "fsdp2"):
+        got = runs[name]["state_dict"]
+        assert runs[name]["global_step"] == 3
+        for k in adapters:
+            assert torch.allclose(got[k], want[k], rtol=1e-4, atol=5e-5), (
+                name,
+                k,
+                (got[k] - want[k]).abs().max(),
+            )
+    assert max(want[k].abs().max() for k in adapters if "lora_b" in k.lower()) > 1e-5  # B left zero: trained
+
+
+@pytest.mark.slow
 def test_muon_under_ddp_and_fsdp2_updates_like_one_process(tmp_path):
     """Muon orthogonalises whole matrices: under FSDP2 each rank holds only some rows of a matrix, so it
     gathers the momentum, orthogonalises the whole (as every DDP rank does) and keeps its rows. All three
@@ -363,14 +437,24 @@ def _two_nodes(tmp_path: Path, cfg: Path, *args: str) -> None:
             "2",
             *args,
         ]
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+        log = open(cwd / "torchrun.log", "w")  # a file, not a pipe: a full pipe would block the node
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    # wait for both; the first that fails stops the other (which would wait for its peer) and is reported
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    failed = [node for node, p in enumerate(procs) if p.poll() not in (None, 0)]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for node in failed + [0, 1]:  # the node that failed by itself first
+        text = (tmp_path / f"node{node}" / "torchrun.log").read_text()
+        code = procs[node].returncode
+        assert code == 0, f"node {node} exited with {code}:\n{text[-3000:]}"
 
 
 @pytest.mark.slow

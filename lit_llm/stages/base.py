@@ -160,7 +160,12 @@ class Stage(LightningModule):
             # the base is fingerprinted before the adapters exist: adapter checkpoints name it by this hash
             base = str(Path(self.hparams.init_from).resolve())  # absolute: later commands run from anywhere
             self._lora_base = {"path": base, "sha256": base_fingerprint(self.model)}
-            apply_lora(self.model, self.lora_config)
+            # the adapters' random init from the run's seed alone: what ran before this hook differs between
+            # strategies (DDP re-seeds when it sets up, one process does not), so the global stream would
+            # give 1 and 2 processes other adapters; forked: the global stream goes on as without LoRA
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed())
+                apply_lora(self.model, self.lora_config)
         if self.hparams.get("activation_checkpointing"):
             apply_activation_checkpointing(
                 self.model
