@@ -129,3 +129,16 @@ def test_cli_greedy_text_equals_generate(monkeypatch, capsys, ckpts):
     new = generate(model, [tok.encode(prompt)], 12, stop_tokens=[tok.end_id, tok.eos_id]).response_lists()[0]
     assert len(set(new)) > 2  # a text worth comparing
     assert out == prompt + tok.decode(new) + "\n"
+
+
+def test_fsdp1_on_a_cpu_names_the_strategy_that_runs_there(monkeypatch, capsys, tmp_path):
+    """Lightning's ``fsdp`` needs CUDA: on a CPU the one error line says to use ``fsdp2`` (or ``ddp``)."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(config), "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu"]
+    code, _, err = _run(monkeypatch, capsys, *args, "--trainer.devices", "2")
+    assert code == 2
+    _one_error_line(err, "requires a GPU accelerator", "--trainer.strategy fsdp2")
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was trained or written

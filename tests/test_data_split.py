@@ -137,3 +137,43 @@ def test_resume_mid_epoch_on_two_ranks_continues_without_repeats_or_gaps(datamod
         fresh.load_state_dict(state)
         tail = _windows(datamodule, _epoch(fresh, 1))
         assert head + tail == whole
+
+
+def test_resume_with_another_world_size_keeps_the_order_and_warns_when_the_global_batch_changes(
+    datamodule, monkeypatch
+):
+    """State saved by 2 ranks (batch 3) after one step: 1 process with the same global batch (6) continues
+    with the windows the 2 ranks would have read next, silently; 1 process with global batch 4 continues at
+    the same sample (nothing repeated) and warns that its batches differ from the first run's."""
+    import warnings
+
+    first = _loader(datamodule, 0, WORLD, monkeypatch)
+    first.sampler.set_epoch(1)
+    next(iter(first))
+    state = first.state_dict()
+    assert state["samples"] == WORLD * BATCH
+    ranks_rest = [_epoch(_loader(datamodule, r, WORLD, monkeypatch), 1)[1:] for r in (0, 1)]
+    read = [
+        w
+        for r in (0, 1)
+        for w in _windows(datamodule, _epoch(_loader(datamodule, r, WORLD, monkeypatch), 1)[:1])
+    ]
+    for global_batch, warns in ((WORLD * BATCH, False), (4, True)):
+        with monkeypatch.context() as m:
+            m.setattr(datamodule, "batch_size", global_batch)
+            one = _loader(datamodule, 0, 1, m)
+            one.load_state_dict(state)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rest = _epoch(one, 1)
+        messages = [str(w.message) for w in caught if "another batch size" in str(w.message)]
+        assert bool(messages) == warns, messages
+        got = _windows(datamodule, rest)
+        assert not set(got) & set(read)  # nothing already trained on is read again
+        if not warns:  # the same global batches as the 2 ranks, step for step
+            assert len(rest) == len(ranks_rest[0])
+            for step, batch in enumerate(rest):
+                want = _windows(datamodule, [ranks_rest[0][step], ranks_rest[1][step]])
+                assert sorted(_windows(datamodule, [batch])) == sorted(want)
+        else:
+            assert "6 samples were consumed" in messages[0] and "global batch 4" in messages[0]
