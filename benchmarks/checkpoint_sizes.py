@@ -8,7 +8,7 @@ PPO's reference, the reward model). "stored before" is what the file would hold 
 stored too, as they were before issue 26.
 
     python benchmarks/checkpoint_sizes.py                  # the --fast chain (about a minute)
-    python benchmarks/checkpoint_sizes.py --full           # the default chain (about 6 minutes on 2 cores)
+    python benchmarks/checkpoint_sizes.py --full           # the default chain (about 15 minutes on 2 cores)
 
 Prints a Markdown table and writes ``<workdir>/checkpoint_sizes.json``.
 """
