@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from lightning import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"1proc": (1, "auto"), "ddp2": (2, "ddp"), "fsdp2": (2, "fsdp2")}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.sharding, run as a script
+from benchmarks.sharding import CONFIGS, ROOT, run_all  # noqa: E402
 
 
 class IterationProbe(Callback):
@@ -128,16 +126,7 @@ def main() -> None:
         p.error(f"--sft {args.sft}: not found (run `lit-llm pipeline --fast` or pass an SFT last.ckpt)")
     if args.steps < 3:
         p.error("--steps must be at least 3: the first iteration is not timed")
-    args.workdir = args.workdir.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in args.only:
-        r = run_one(name, args)
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process"
-    meta = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-    (args.workdir / "grpo_scaling.json").write_text(json.dumps(meta))
+    results, machine = run_all(run_one, args, "grpo_scaling.json")
     base = next((r for r in results if r["name"] == "1proc" and not r.get("failed")), None)
     print(f"\nGRPO {args.prompts} prompts x {args.group_size} replies per process and iteration, {machine}\n")
     print("| config | s / iteration | rollouts/s | vs 1 process | sampling share |")

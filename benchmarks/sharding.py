@@ -160,6 +160,21 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     }
 
 
+def run_all(run_one, args: argparse.Namespace, json_name: str) -> tuple[list[dict], str]:
+    """``run_one(name, args)`` for every name of ``args.only`` (printed as it ends), written with the machine
+    and the arguments to ``<workdir>/<json_name>``: ``(results, machine)``."""
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.only:
+        results.append(run_one(name, args))
+        print(json.dumps(results[-1]), flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process"
+    meta = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    (args.workdir / json_name).write_text(json.dumps(meta))
+    return results, machine
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
@@ -174,19 +189,7 @@ def main() -> None:
     p.add_argument("--data_limit_gb", type=float, default=None, help="RLIMIT_DATA of every process")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lit_llm_sharding"))
     args = p.parse_args()
-    args.workdir = args.workdir.resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in args.only:
-        r = run_one(name, args)
-        results.append(r)
-        print(json.dumps(r), flush=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per process"
-    (args.workdir / "sharding.json").write_text(
-        json.dumps(
-            {"machine": machine, "args": vars(args) | {"workdir": str(args.workdir)}, "results": results}
-        )
-    )
+    results, machine = run_all(run_one, args, "sharding.json")
     limit = f", RLIMIT_DATA {args.data_limit_gb} GB per process" if args.data_limit_gb else ""
     print(
         f"\n{args.preset} {args.overrides or ''}, seq_len {args.seq_len}, batch {args.batch_size} per process, {args.steps} steps{limit}"

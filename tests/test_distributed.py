@@ -260,6 +260,31 @@ def chain(tmp_path_factory) -> Path:
     return root
 
 
+def _single_ddp_fsdp2(tmp_path: Path, args: list[str], batch: int) -> dict[str, dict]:
+    """``lit-llm fit args`` on 1 process with batch ``2 batch`` and on 2 processes with ``batch`` each, under
+    DDP and FSDP2 (the same global batch): ``{"single" | "ddp" | "fsdp2": last checkpoint}``."""
+    runs = {}
+    for name, devices, strategy in (
+        ("single", 1, []),
+        ("ddp", 2, STRATEGIES["ddp"]),
+        ("fsdp2", 2, STRATEGIES["fsdp2"]),
+    ):
+        out = tmp_path / "out" / name
+        size = ["--data.batch_size", str(batch * (3 - devices))]
+        _fit(
+            tmp_path,
+            *args,
+            "--trainer.devices",
+            str(devices),
+            *strategy,
+            *size,
+            "--trainer.default_root_dir",
+            str(out),
+        )
+        runs[name] = load_checkpoint(out / "last.ckpt")
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_on_two_processes_matches_one_under_ddp_and_fsdp2(chain, tmp_path, stage):
@@ -269,25 +294,7 @@ def test_stage_on_two_processes_matches_one_under_ddp_and_fsdp2(chain, tmp_path,
     common = ["--config", str(ROOT / "configs" / config), *settings]
     for name in ("checkpoints", "data_cache"):
         (tmp_path / name).symlink_to(chain / name)
-    runs = {}
-    for name, devices, strategy in (
-        ("single", 1, []),
-        ("ddp", 2, STRATEGIES["ddp"]),
-        ("fsdp2", 2, STRATEGIES["fsdp2"]),
-    ):
-        out = tmp_path / "out" / name
-        _fit(
-            tmp_path,
-            *common,
-            "--trainer.devices",
-            str(devices),
-            *strategy,
-            "--data.batch_size",
-            str(batch * (3 - devices)),
-            "--trainer.default_root_dir",
-            str(out),
-        )
-        runs[name] = load_checkpoint(out / "last.ckpt")
+    runs = _single_ddp_fsdp2(tmp_path, common, batch)
     want = runs["single"]["state_dict"]
     trained = [k for k in want if not k.startswith(("ref.", "rm."))]
     for name in ("ddp", "fsdp2"):
@@ -325,31 +332,9 @@ def test_lora_sft_of_a_hugging_face_model_on_two_processes_matches_one(tmp_path)
     from tests.hf_fixtures import make_hf_llama
 
     folder = make_hf_llama(tmp_path / "hf", "llama3")
-    runs = {}
-    for name, devices, strategy in (
-        ("single", 1, []),
-        ("ddp", 2, STRATEGIES["ddp"]),
-        ("fsdp2", 2, STRATEGIES["fsdp2"]),
-    ):
-        out = tmp_path / "out" / name
-        _fit(
-            tmp_path,
-            "--config",
-            str(ROOT / "configs/sft/smollm2-tinyworld.yaml"),
-            "--model.init_from",
-            str(folder),
-            "--trainer.precision",
-            "32-true",
-            *STAGES["sft"][1],
-            "--trainer.devices",
-            str(devices),
-            *strategy,
-            "--data.batch_size",
-            str(4 * (3 - devices)),
-            "--trainer.default_root_dir",
-            str(out),
-        )
-        runs[name] = load_checkpoint(out / "last.ckpt")
+    config = ROOT / "configs/sft/smollm2-tinyworld.yaml"
+    args = ["--config", str(config), "--model.init_from", str(folder), "--trainer.precision", "32-true"]
+    runs = _single_ddp_fsdp2(tmp_path, [*args, *STAGES["sft"][1]], 4)
     want = runs["single"]["state_dict"]
     adapters = [k for k in want if "lora" in k]
     assert adapters and len(adapters) == len(want)  # the single file holds the adapters only
